@@ -1,0 +1,1 @@
+"""The agent process: config, CLI, scheduler, flow runner, retry policy, templates, logging."""

@@ -1,0 +1,126 @@
+"""The connector contract: a Connector runs an action and returns an Outcome.
+
+A connector is constructed from its validated ``Config`` plus injected I/O
+(``session=`` for HTTP, ``smtp_factory=`` for SMTP, ``clock=``) and offers::
+
+    run(action: Action, data: dict, key: str) -> Outcome
+    close() -> None                  # release connections (optional work)
+
+``data`` is the action's input, already rendered by the agent and validated
+against the model that ``Config.actions()`` names for that action. ``key`` is
+the step's idempotency key: stable across retries and restarts, it must reach
+the sink (a header, a Message-ID, a marker in a file) so that a repeat is
+absorbed there.
+
+A connector never raises for a delivery problem and never returns ``False``:
+it returns an Outcome whose ``status`` says what the caller does next::
+
+    succeeded   done; ``output`` is kept for later steps
+    failed      permanent (4xx, invalid address): do not retry
+    retryable   timeout, connection error, 5xx, 408/425/429: retry by policy,
+                ``retry_after`` (seconds) when the server said so
+    paused      a credential or TLS problem (401/403, SMTP 535): the connector
+                waits; no attempt is spent and nothing goes dead
+
+Errors (raised only at construction or for programming mistakes)::
+
+    SinkError                base
+    └── ActionError          an action path or input the connector cannot run
+"""
+from __future__ import annotations
+
+import email.header
+import re
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+
+class SinkError(Exception):
+    """Base of every error a sink raises."""
+
+
+class ActionError(SinkError):
+    """An action path or input this connector cannot run."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """The object and verb of an action path ``connector > object > verb``."""
+
+    object: str
+    verb: str
+
+    def __str__(self) -> str:
+        return f"{self.object} > {self.verb}"
+
+
+@dataclass
+class Outcome:
+    status: Literal["succeeded", "failed", "retryable", "paused"]
+    output: Any = None
+    error: str | None = None
+    status_code: int | None = None  # HTTP status or SMTP reply code, when there was one
+    retry_after: float | None = None  # seconds the server asked us to wait
+    condition: str | None = None  # what went wrong, for retry `on`: "timeout", "connection", "5xx", "429", ...
+
+    @classmethod
+    def ok(cls, output: Any = None, status_code: int | None = None) -> "Outcome":
+        return cls("succeeded", output=output, status_code=status_code)
+
+
+class Connector(Protocol):
+    def run(self, action: Action, data: dict[str, Any], key: str) -> Outcome: ...
+
+    def close(self) -> None: ...
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
+
+
+def parse_seconds(value: Any) -> Any:
+    """'30s' / '5m' / a number of seconds -> float seconds (sinks' own copy: leaf packages do not import each other)."""
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, str) and not match:
+        raise ValueError(f"{value!r} is not a duration; write a number and a unit: '30s', '5m', '1h'")
+    return float(match[1]) * _UNITS[match[2]] if match else value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_seconds)]
+
+
+class ConnectorConfig(BaseModel):
+    """Base of every connector's config model; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+
+    @abstractmethod
+    def actions(self) -> dict[Action, type[BaseModel]]:
+        """Every action this connector offers with the pydantic model of its input."""
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_safe(value: str) -> bool:
+    """False when a header value holds a control character, raw or RFC 2047-encoded.
+
+    Decoding the encoded words matters: Python 3.11.7 (CVE-2024-6923) lets an
+    encoded newline in a Subject fold into a real header on output.
+    """
+    if _CONTROL.search(value):
+        return False
+    try:
+        parts = email.header.decode_header(value)
+    except Exception:  # a malformed encoded word is not safe to pass on
+        return False
+    for part, charset in parts:
+        text = part.decode(charset or "latin-1", "replace") if isinstance(part, bytes) else part
+        if _CONTROL.search(text):
+            return False
+    return True

@@ -1,0 +1,100 @@
+"""The source contract: a Source yields pages of records.
+
+A source is constructed from its validated ``Config`` plus injected I/O
+(``session=`` for HTTP) and offers one method::
+
+    pages(params: dict[str, str]) -> Iterator[Page]
+
+``params`` are the query parameters already rendered by the agent (the
+cursor templates live in the agent, not here). Pages stream: a source
+never holds more than one page in memory.
+
+Errors, named by what the caller does next::
+
+    SourceError                 base of everything a source raises
+    └── PageError               this poll fails here; what was admitted stays,
+                                the cursor stays, try again next poll
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Iterator, Literal, Protocol
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+
+class SourceError(Exception):
+    """Base of every error a source raises."""
+
+
+class PageError(SourceError):
+    """A page could not be read; the poll of this source fails at this page."""
+
+    def __init__(self, message: str, *, page: int | None = None, status: int | None = None):
+        super().__init__(message)
+        self.page = page
+        self.status = status
+
+
+@dataclass
+class Page:
+    """One page of records as the view returned it (1-based ``number``)."""
+
+    number: int
+    records: list[Any]
+    where: str = ""  # a human description of the page: URL without secrets, or file + line
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Source(Protocol):
+    def pages(self, params: dict[str, str]) -> Iterator[Page]: ...
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
+
+
+def parse_seconds(value: Any) -> Any:
+    """'30s' / '5m' / '1h' / '1d' / a number of seconds -> float seconds."""
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, str) and not match:
+        raise ValueError(f"{value!r} is not a duration; write a number and a unit: '30s', '5m', '1h', '1d'")
+    return float(match[1]) * _UNITS[match[2]] if match else value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_seconds)]
+
+
+class SourceConfig(BaseModel):
+    """Fields every source kind shares (the agent reads these; the kind reads its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    records: str = "records"
+    id: str = "id"
+    updated: str | None = None
+    entity: str | None = None
+    dedupe: Literal["id", "id+updated", "content"] = "id"
+    first_run: Literal["skip", "deliver"] = "skip"
+    supersede: bool = False
+    every: Seconds = 300.0
+    at: str | None = None
+    timezone: str | None = None
+    window: Seconds | None = None
+    overlap: Seconds = 60.0
+    max_record_bytes: int = 16 * 1024 * 1024
+
+
+def dig(body: Any, path: str) -> Any:
+    """Follow a dotted path ('data.items') into a JSON body; '' is the body itself."""
+    node = body
+    for part in path.split(".") if path else []:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise KeyError(path)
+    return node

@@ -1,0 +1,1 @@
+"""The SQLite ledger: records seen, executions, attempts, cursors, polls."""
