@@ -1,0 +1,271 @@
+"""The command line: ``agent [--config agent.toml] COMMAND``.
+
+Exit status: 0 ok; 1 some work failed in this run (a poll failed, a record was
+quarantined, an execution failed or went dead); 2 bad config or usage
+(nothing touched); 3 the ledger cannot be used (held by another agent,
+damaged, unwritable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from agent import logs
+from agent.config import Config, ConfigError, load
+from state.base import LedgerError
+from state.ledger import STATUSES, Ledger
+
+OK, FAILED, USAGE, LEDGER = 0, 1, 2, 3
+
+
+class Usage(Exception):
+    """A command-line mistake (exit 2)."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agent", description="Polling sync agent: copies new and changed records from REST views into other systems, losing nothing and sending nothing twice.")
+    p.add_argument("--config", default=None, help="config file (default: $AGENT_CONFIG, else ./agent.toml)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser("run", help="poll every source now and on its schedule; deliver until SIGTERM/SIGINT")
+    run.add_argument("--once", action="store_true", help="poll every source once, deliver everything due, print a summary, exit")
+    poll = sub.add_parser("poll", help="poll one source now (and deliver what it admitted)")
+    poll.add_argument("source")
+    status = sub.add_parser("status", help="sources and flows at a glance; exit 1 when a source is stale or anything is dead")
+    status.add_argument("--json", action="store_true")
+    ex = sub.add_parser("executions", help="list executions with their last error (or one with its attempts)")
+    ex.add_argument("id", nargs="?", type=int, help="show this execution's attempts")
+    ex.add_argument("--status", choices=STATUSES)
+    ex.add_argument("--flow")
+    ex.add_argument("--limit", type=int, default=200)
+    ex.add_argument("--json", action="store_true")
+    retry = sub.add_parser("retry", help="re-queue failed or dead executions (same idempotency key)")
+    retry.add_argument("ids", nargs="*", type=int)
+    retry.add_argument("--dead", action="store_true", help="re-queue every dead execution")
+    retry.add_argument("--json", action="store_true")
+    actions = sub.add_parser("actions", help="list the action paths of the configured connectors and their input schemas")
+    actions.add_argument("--json", action="store_true")
+    sub.add_parser("validate", help="check the config and print what is wrong")
+    prune = sub.add_parser("prune", help="apply [agent] retention now")
+    prune.add_argument("--json", action="store_true")
+    return p
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("AGENT_CONFIG") or "agent.toml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load(config_path(args))
+    except ConfigError as error:
+        print(str(error), file=sys.stderr)
+        return USAGE
+    logs.setup(config.agent.log_level, config.agent.log_format, config.secrets)
+    try:
+        return COMMANDS[args.command](config, args)
+    except Usage as error:
+        print(f"agent {args.command}: {error}", file=sys.stderr)
+        return USAGE
+    except LedgerError as error:
+        print(f"agent: {error}", file=sys.stderr)
+        return LEDGER
+    except KeyboardInterrupt:
+        return OK
+
+
+def _agent(config: Config):
+    from agent.process import Agent  # imported late: read-only commands need no connectors
+
+    return Agent(config)
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    agent = _agent(config)
+    try:
+        if args.once:
+            return _once(agent, agent.poll_all())
+        _on_stop(agent)
+        agent.run_forever()
+        return OK
+    finally:
+        agent.close()
+
+
+def cmd_poll(config: Config, args: argparse.Namespace) -> int:
+    if args.source not in config.sources:
+        raise Usage(f"unknown source {args.source!r} (known: {', '.join(config.sources) or 'none'})")
+    agent = _agent(config)
+    try:
+        return _once(agent, [agent.poll(args.source)])
+    finally:
+        agent.close()
+
+
+def _on_stop(agent) -> None:
+    def stop(signum, frame):
+        logger.info("stopping on {}: finishing in-flight steps", signal.Signals(signum).name)
+        agent.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def _once(agent, polls) -> int:
+    drained = agent.drain()
+    waiting = agent.waiting()
+    failed_polls = [p for p in polls if p.error]
+    summary = {
+        "polled": len(polls), "failed_polls": len(failed_polls), "fetched": sum(p.fetched for p in polls),
+        "new": sum(p.new for p in polls), "primed": sum(p.primed for p in polls), "quarantined": sum(p.quarantined for p in polls),
+        "sent": drained.sent, "failed": drained.failed + drained.dead, "waiting": waiting,
+    }
+    print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in summary.items()))
+    for poll in failed_polls:
+        print(f"  poll {poll.source} failed: {poll.error}")
+    for error in drained.errors:
+        print(f"  {error}")
+    bad = failed_polls or summary["quarantined"] or drained.failed or drained.dead
+    return FAILED if bad else OK
+
+
+def _readonly(config: Config) -> Ledger:
+    return Ledger(config.ledger_path, hold=False)  # beside a running agent; reads only
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    now = time.time()
+    with _readonly(config) as ledger:
+        known = ledger.sources()
+        counts = ledger.counts()
+    report: dict[str, Any] = {"sources": {}, "flows": {}}
+    unhealthy = False
+    for name, cfg in config.sources.items():
+        row = known.get(name, {})
+        interval = cfg.every if not cfg.at else 86400.0
+        last_good = row.get("last_success")
+        stale = last_good is None or now - last_good > 3 * interval
+        unhealthy |= stale
+        report["sources"][name] = {
+            "last_poll": row.get("last_poll"), "last_success": last_good, "cursor": row.get("value"),
+            "seen": row.get("seen", 0), "quarantined": row.get("quarantined", 0), "failing": bool(row.get("last_error")),
+            "last_error": row.get("last_error"), "stale": stale,
+        }
+    for flow in config.flows:
+        c = counts.get(flow.name, {})
+        report["flows"][flow.name] = {s: c.get(s, 0) for s in ("pending", "running", "retrying", "paused", "succeeded", "filtered", "superseded", "failed", "dead")}
+        unhealthy |= bool(c.get("dead"))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return FAILED if unhealthy else OK
+
+
+def _print_status(report: dict) -> None:
+    print("sources:")
+    for name, s in report["sources"].items():
+        state = "STALE" if s["stale"] else ("FAILING" if s["failing"] else "ok")
+        print(f"  {name:<16} {state:<8} last poll {_when(s['last_poll'])}  last good {_when(s['last_success'])}  "
+              f"cursor {s['cursor'] or '-'}  seen {s['seen']}  quarantined {s['quarantined']}")
+        if s["last_error"]:
+            print(f"  {'':<16} last error: {s['last_error']}")
+    print("flows:")
+    for name, c in report["flows"].items():
+        print(f"  {name:<24} " + "  ".join(f"{k} {v}" for k, v in c.items()))
+
+
+def cmd_executions(config: Config, args: argparse.Namespace) -> int:
+    with _readonly(config) as ledger:
+        if args.id is not None:
+            rows = ledger.executions(ids=[args.id])
+            if not rows:
+                raise Usage(f"no execution {args.id}")
+            row = {**rows[0], "attempts_made": ledger.attempts_of(args.id)}
+            print(json.dumps(row, indent=2, ensure_ascii=False) if args.json else _describe(row))
+            return OK
+        if args.status == "quarantined":
+            rows = ledger.quarantined()
+            if args.json:
+                print(json.dumps(rows, indent=2, ensure_ascii=False))
+            for r in [] if args.json else rows:
+                print(f"{r['source']:<12} {_when(r['first_seen'])}  x{r['count']}  {r['page']}: {r['reason']}\n    {r['excerpt'][:160]}")
+            return OK
+        rows = ledger.executions(status=args.status, flow=args.flow, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return OK
+    print(f"{'id':>6}  {'status':<10} {'flow':<20} {'record':<24} {'step':>4} {'tries':>5}  {'next':<20} last error")
+    for r in rows:
+        print(f"{r['id']:>6}  {r['status']:<10} {r['flow'][:20]:<20} {r['key'][:24]:<24} {r['step']:>4} {r['attempts']:>5}  "
+              f"{_when(r['next_at']) if r['status'] in ('retrying', 'paused') else '':<20} {(r['last_error'] or '')[:100]}")
+    return OK
+
+
+def _describe(row: dict) -> str:
+    lines = [f"execution {row['id']}: {row['status']} (flow {row['flow']}, source {row['source']}, record {row['key']}, step {row['step']})"]
+    if row["last_error"]:
+        lines.append(f"  last error: {row['last_error']}")
+    for a in row["attempts_made"]:
+        code = f" [{a['status_code']}]" if a["status_code"] else ""
+        lines.append(f"  step {a['step']} attempt {a['n']} at {_when(a['started'])}: {a['outcome']}{code} {a['error'] or ''}")
+    return "\n".join(lines)
+
+
+def cmd_retry(config: Config, args: argparse.Namespace) -> int:
+    if not args.ids and not args.dead:
+        raise Usage("name execution ids, or --dead for every dead one")
+    with Ledger(config.ledger_path, hold=False) as ledger:
+        found = ledger.requeue(args.ids, time.time(), dead=args.dead)
+    missing = sorted(set(args.ids) - set(found))
+    if args.json:
+        print(json.dumps({"requeued": found, "not_failed_or_dead": missing}))
+    else:
+        print(f"re-queued {len(found)} execution(s)" + (f"; not failed or dead (left alone): {', '.join(map(str, missing))}" if missing else ""))
+    return FAILED if missing else OK
+
+
+def cmd_actions(config: Config, args: argparse.Namespace) -> int:
+    listing = {f"{name} > {action}": model.model_json_schema() for name, cfg in config.connectors.items() for action, model in cfg.actions().items()}
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return OK
+    for path, schema in listing.items():
+        required = set(schema.get("required", []))
+        fields = ", ".join(f"{k}{'*' if k in required else ''}" for k in schema.get("properties", {}))
+        print(f"{path:<36} {fields}")
+    print("(* = required)")
+    return OK
+
+
+def cmd_validate(config: Config, args: argparse.Namespace) -> int:
+    print(f"{config.path}: ok — {len(config.sources)} source(s), {len(config.connectors)} connector(s), {len(config.flows)} flow(s)")
+    return OK
+
+
+def cmd_prune(config: Config, args: argparse.Namespace) -> int:
+    now = time.time()
+    windows = {name: cfg.window for name, cfg in config.sources.items() if cfg.window}
+    with Ledger(config.ledger_path, hold=False) as ledger:
+        removed = ledger.prune(now - config.agent.retention, windows, now)
+    print(json.dumps(removed) if args.json else ", ".join(f"{k}: {v} pruned" for k, v in removed.items()))
+    return OK
+
+
+COMMANDS = {
+    "run": cmd_run, "poll": cmd_poll, "status": cmd_status, "executions": cmd_executions, "retry": cmd_retry,
+    "actions": cmd_actions, "validate": cmd_validate, "prune": cmd_prune,
+}

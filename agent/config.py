@@ -1,0 +1,385 @@
+"""The agent's configuration: one TOML file, validated by pydantic-settings.
+
+``load(path)`` reads the file, substitutes ``${NAME}`` / ``${NAME:-default}``
+from the environment, validates every table (sources and connectors through
+the config model their ``kind`` registers) and checks the cross references
+(a flow's source, an action's connector, object, verb and input fields).
+Every problem becomes a ``ConfigError`` naming the file, the key path, the
+bad value and what is allowed; the CLI prints it and exits 2.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+import sinks
+import sources
+from sinks.base import Action
+from sources.base import Seconds
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The configuration is wrong; ``problems`` lists (key path, message) pairs."""
+
+    def __init__(self, file: str, problems: list[tuple[str, str]]):
+        self.file = file
+        self.problems = problems
+        super().__init__("\n".join(f"{file}: {path}: {msg}" if path else f"{file}: {msg}" for path, msg in problems))
+
+
+Duration = Annotated[Seconds, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AgentSection(Strict):
+    ledger: Path = Path("var/agent.db")
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    retention: Duration = 30 * 86400.0
+    concurrency: int = Field(4, ge=1, le=64)
+    lease: Duration = 300.0
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class BasicAuth(Strict):
+    kind: Literal["basic"]
+    username: str
+    password: SecretStr
+
+
+class BearerAuth(Strict):
+    kind: Literal["bearer"]
+    token: SecretStr
+
+
+class HeaderAuth(Strict):
+    kind: Literal["header"]
+    name: str
+    value: SecretStr
+
+
+class NoAuth(Strict):
+    kind: Literal["none"] = "none"
+
+
+Auth = Annotated[Union[BasicAuth, BearerAuth, HeaderAuth, NoAuth], Field(discriminator="kind")]
+
+CONDITIONS = ("timeout", "connection", "5xx")
+
+
+class RetryConfig(Strict):
+    on: list[Union[int, str]] = ["timeout", "connection", "5xx", "408", "425", "429"]
+    attempts: int = Field(8, ge=1)
+    interval: Duration = 30.0
+    backoff: Literal["fixed", "exponential"] = "exponential"
+    max_interval: Duration = 3600.0
+    window: Duration = 23 * 3600.0
+    jitter: bool = True
+
+    @field_validator("on")
+    @classmethod
+    def _conditions(cls, value: list[Union[int, str]]) -> list[str]:
+        out = []
+        for item in value:
+            text = str(item).strip().lower()
+            if text not in CONDITIONS and not (text.isdigit() and 100 <= int(text) <= 599):
+                raise ValueError(f"{item!r} is not a retry condition; use {', '.join(CONDITIONS)} or an HTTP status code such as 429")
+            out.append(text)
+        return out
+
+
+class FilterStep(Strict):
+    kind: Literal["filter"]
+    when: str
+
+
+class MapStep(Strict):
+    kind: Literal["map"]
+    fields: dict[str, Any]
+
+
+class ActionStep(BaseModel):
+    """An action step; keys other than the named ones are the action's input templates."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["action"]
+    action: str
+    body: Any = None
+    wait_for_response: bool = True
+    proceed_on_failure: bool = False
+    retry: RetryConfig = RetryConfig()
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def target(self) -> tuple[str, Action]:
+        """('connector', Action(object, verb)) parsed from 'connector > object > verb'."""
+        parts = [p.strip() for p in self.action.split(">")]
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"{self.action!r} is not an action path; write 'connector > object > verb', e.g. 'crm > leads > upsert'")
+        return parts[0], Action(parts[1], parts[2])
+
+
+Step = Annotated[Union[FilterStep, MapStep, ActionStep], Field(discriminator="kind")]
+
+
+class FlowConfig(Strict):
+    name: str
+    source: str
+    steps: list[Step] = Field(min_length=1)
+
+
+class Settings(BaseSettings):
+    """The whole file; sources and connectors are validated per kind afterwards."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    agent: AgentSection = AgentSection()
+    sources: dict[str, dict[str, Any]] = {}
+    connectors: dict[str, dict[str, Any]] = {}
+    flows: list[FlowConfig] = []
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # The file is the only source: an environment variable changes the config
+        # only where the file says ${NAME}, so nothing is overridden by surprise.
+        return (init_settings,)
+
+
+class Config:
+    """A validated configuration: settings plus typed sources, connectors and their auth."""
+
+    def __init__(self, path: Path, settings: Settings):
+        self.path = path
+        self.base_dir = path.parent
+        self.agent = settings.agent
+        self.flows = settings.flows
+        self.sources: dict[str, Any] = {}
+        self.connectors: dict[str, Any] = {}
+        self.auth: dict[str, Any] = {}  # "sources.NAME" / "connectors.NAME" -> Auth model
+        self.secrets: list[str] = []
+
+    @property
+    def ledger_path(self) -> Path:
+        path = self.agent.ledger
+        return path if path.is_absolute() else self.base_dir / path
+
+    def flows_of(self, source: str) -> list[FlowConfig]:
+        return [flow for flow in self.flows if flow.source == source]
+
+
+def substitute(value: Any, where: str, problems: list[tuple[str, str]]) -> Any:
+    """Replace ${NAME} and ${NAME:-default} in every string of a TOML tree."""
+    if isinstance(value, dict):
+        return {k: substitute(v, f"{where}.{k}" if where else k, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute(v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match) -> str:
+        name, default = match[1], match[2]
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        problems.append((where, f"environment variable {name} is not set (set it, or write ${{{name}:-default}})"))
+        return ""
+
+    return _ENV.sub(one, value)
+
+
+def key_path(loc: tuple, prefix: str = "") -> str:
+    """('flows', 0, 'steps', 2, 'action') -> 'flows[0].steps[2].action'."""
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("filter", "map", "action", "basic", "bearer", "header", "none", "page", "offset", "cursor", "link", "next_url") and out.endswith("]"):
+            continue  # pydantic's discriminator tag adds nothing to the path a user reads
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def problems_of(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """Turn pydantic errors into (key path, message naming the bad value and what is allowed)."""
+    out = []
+    for item in error.errors(include_url=False):
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        msg = item["msg"].removeprefix("Value error, ")
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key (a typo?)"
+        elif kind == "union_tag_invalid":
+            ctx = item.get("ctx", {})
+            msg = f"unknown kind {ctx.get('tag')!r} (known: {ctx.get('expected_tags', '').replace(chr(39), '')})"
+        elif kind == "missing":
+            msg = "required key is missing"
+        elif "input" in item and kind not in ("model_type", "dict_type"):
+            msg = f"{_show(item['input'], loc)}: {msg}"
+        out.append((key_path(loc, prefix), msg))
+    return out
+
+
+def _show(value: Any, loc: tuple) -> str:
+    if loc and str(loc[-1]) in ("password", "token", "value"):
+        return "(secret)"
+    text = repr(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def _forbid_with_allowed(model: type[BaseModel], data: dict, prefix: str, problems: list[tuple[str, str]]) -> Any:
+    """Validate ``data`` with ``model``; unknown keys name the keys the model allows."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        for path, msg in problems_of(error, prefix):
+            if msg.startswith("unknown key"):
+                msg = f"unknown key (a typo?); allowed here: {', '.join(sorted(_fields_at(model, path, prefix)))}"
+            problems.append((path, msg))
+        return None
+
+
+def _fields_at(model: type[BaseModel], path: str, prefix: str) -> list[str]:
+    """The keys a (possibly nested) model allows at ``path``."""
+    parts = [p for p in re.split(r"\.|\[\d+\]", path[len(prefix):]) if p][:-1]
+    current: Any = model
+    for part in parts:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            break
+        current = candidates[0]
+    return list(getattr(current, "model_fields", {}))
+
+
+def load(path: Path | str) -> Config:
+    """Read, substitute, validate and cross-check a config file."""
+    path = Path(path)
+    name = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(name, [("", "no such file (write one, or pass --config PATH / set AGENT_CONFIG)")]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(name, [("", f"cannot read: {error}")]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(name, [("", f"not valid TOML: {error}")]) from None
+    problems: list[tuple[str, str]] = []
+    raw = substitute(raw, "", problems)
+    if problems:
+        raise ConfigError(name, problems)
+    settings = _forbid_with_allowed(Settings, raw, "", problems)
+    if settings is None:
+        raise ConfigError(name, problems)
+    config = Config(path.resolve(), settings)
+    _load_plugins(config, "sources", settings.sources, sources.KINDS, sources.source_class, problems)
+    _load_plugins(config, "connectors", settings.connectors, sinks.KINDS, sinks.connector_class, problems)
+    if not problems:
+        _check_flows(config, problems)
+    if problems:
+        raise ConfigError(name, problems)
+    return config
+
+
+def _load_plugins(config: Config, section: str, tables: dict, kinds: dict, resolve, problems: list) -> None:
+    """Validate each source or connector table with the model its `kind` registers."""
+    target = getattr(config, section)
+    for name, table in tables.items():
+        where = f"{section}.{name}"
+        table = dict(table)
+        kind = table.get("kind")
+        if kind not in kinds:
+            shown = "missing" if kind is None else repr(kind)
+            problems.append((f"{where}.kind", f"{shown}: unknown kind (known: {', '.join(kinds)})"))
+            continue
+        if "auth" in table:
+            auth_table = table.pop("auth")
+            auth = _validate_auth(auth_table, f"{where}.auth", problems)
+            if auth is not None:
+                config.auth[where] = auth
+                config.secrets.extend(s.get_secret_value() for s in auth.__dict__.values() if isinstance(s, SecretStr))
+        model = resolve(kind).Config
+        validated = _forbid_with_allowed(model, table, where, problems)
+        if validated is not None:
+            target[name] = validated
+            config.secrets.extend(s.get_secret_value() for s in validated.__dict__.values() if isinstance(s, SecretStr))
+
+
+class _AuthHolder(Strict):
+    auth: Auth
+
+
+def _validate_auth(table: Any, where: str, problems: list) -> Any:
+    try:
+        return _AuthHolder.model_validate({"auth": table}).auth
+    except ValidationError as error:
+        problems.extend(problems_of(error, where.rsplit(".auth", 1)[0]))
+        return None
+
+
+def _check_flows(config: Config, problems: list) -> None:
+    """Cross references: sources, connectors, action paths, input fields, templates."""
+    from agent.templates import TemplateSyntaxProblem, Templates
+
+    templates = Templates()
+    names = set()
+    for i, flow in enumerate(config.flows):
+        where = f"flows[{i}]"
+        if flow.name in names:
+            problems.append((f"{where}.name", f"{flow.name!r} is used by two flows; flow names must be unique"))
+        names.add(flow.name)
+        if flow.source not in config.sources:
+            problems.append((f"{where}.source", f"unknown source {flow.source!r} (known: {', '.join(config.sources) or 'none'})"))
+        for j, step in enumerate(flow.steps):
+            try:
+                templates.check_step(step)
+            except TemplateSyntaxProblem as error:
+                problems.append((f"{where}.steps[{j}].{error.field}", str(error)))
+            if isinstance(step, ActionStep):
+                _check_action(config, step, f"{where}.steps[{j}]", problems)
+
+
+def _check_action(config: Config, step: ActionStep, where: str, problems: list) -> None:
+    try:
+        connector, action = step.target()
+    except ValueError as error:
+        problems.append((f"{where}.action", str(error)))
+        return
+    if connector not in config.connectors:
+        problems.append((f"{where}.action", f"unknown connector {connector!r} (known: {', '.join(config.connectors) or 'none'})"))
+        return
+    offered = config.connectors[connector].actions()
+    if action not in offered:
+        known = ", ".join(f"{connector} > {a}" for a in offered)
+        problems.append((f"{where}.action", f"{connector} has no action '{action}' (known: {known})"))
+        return
+    model = offered[action]
+    given = set(step.inputs) | ({"body"} if step.body is not None else set())
+    allowed = set(model.model_fields)
+    for key in sorted(given - allowed):
+        problems.append((f"{where}.{key}", f"unknown key for '{step.action}' (allowed: {', '.join(sorted(allowed | {'action', 'wait_for_response', 'proceed_on_failure', 'retry'}))})"))
+    for key, field in model.model_fields.items():
+        if field.is_required() and key not in given and key != "body":
+            problems.append((f"{where}.{key}", f"'{step.action}' needs this key"))

@@ -1,0 +1,168 @@
+"""FlowRunner: take one claimed execution one action further.
+
+``run(execution) -> Finish`` evaluates the pure steps (filter, map) and at
+most ONE action step, because every action needs its own committed intent
+(the claim) before it sends anything. Pure steps after a successful action
+are evaluated in the same run, so their output is committed with it.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any, Callable
+
+from loguru import logger
+from pydantic import ValidationError
+
+from agent.config import ActionStep, Config, FilterStep, FlowConfig, MapStep
+from agent.retry import RetryPolicy
+from agent.templates import RenderError, Templates
+from sinks.base import Action, Connector, Outcome
+from state.ledger import Execution, Finish
+
+PAUSE_PROBE = 60.0  # how often a paused connector is tried again
+
+
+def idempotency_key(flow: str, step: int, source: str, key: str, replay: int = 0) -> str:
+    """Stable across retries and restarts; a replay on purpose gets a new one."""
+    text = "\x1f".join((flow, str(step), source, key) + ((f"replay-{replay}",) if replay else ()))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+class FlowRunner:
+    def __init__(self, config: Config, connectors: dict[str, Connector], *, clock: Callable[[], float],
+                 templates: Templates | None = None, rand: Callable[[], float] = random.random):
+        self.flows: dict[str, FlowConfig] = {flow.name: flow for flow in config.flows}
+        self.config = config
+        self.connectors = connectors
+        self.templates = templates or Templates()
+        self.clock = clock
+        self.rand = rand
+
+    def run(self, ex: Execution) -> Finish:
+        """Run an execution from its current step up to and including one action."""
+        flow = self.flows.get(ex.flow)
+        context = ex.context
+        log = logger.bind(flow=ex.flow, source=ex.source, record=ex.key)
+        if flow is None:
+            return Finish("failed", ex.step, context, error=f"flow {ex.flow!r} is no longer in the config")
+        index, attempt, spawn = ex.step, None, []
+        while index < len(flow.steps):
+            step = flow.steps[index]
+            if ex.single and index != ex.step:
+                break  # a queued call (wait_for_response = false) runs its own step only
+            if isinstance(step, ActionStep) and attempt is not None:
+                return Finish("pending", index, context, next_at=self.clock(), attempt=attempt, spawn=spawn)
+            try:
+                result = self._step(ex, flow, index, step, context, spawn, log)
+            except RenderError as error:
+                message = f"flow {ex.flow!r} step {index} ({step.kind}): {error}"
+                log.warning("record {} failed: {}", ex.key, message)
+                return Finish("failed", index, context, error=message, attempt=attempt, spawn=spawn)
+            if isinstance(result, Finish):
+                result.spawn = spawn
+                return result
+            attempt = result or attempt
+            index += 1
+        return Finish("succeeded", index, context, attempt=attempt, spawn=spawn)
+
+    def _template_context(self, ex: Execution, context: dict) -> dict[str, Any]:
+        steps = context.get("steps", {})
+        size = max((int(k) for k in steps), default=-1) + 1
+        return {
+            "record": context.get("record"),
+            "mapped": context.get("mapped"),
+            "steps": [steps.get(str(i)) for i in range(size)],
+            "source": ex.source,
+            "flow": ex.flow,
+            "cursor": context.get("cursor"),
+            "now": self.clock(),
+        }
+
+    def _step(self, ex: Execution, flow: FlowConfig, index: int, step: Any, context: dict, spawn: list, log) -> Finish | dict | None:
+        """Evaluate one step: a Finish ends this run; None (pure step) or an attempt (action done) goes on."""
+        values = self._template_context(ex, context)
+        if isinstance(step, FilterStep):
+            if not self.templates.evaluate(step.when, values):
+                log.info("record {} filtered out by flow {!r} step {}", ex.key, flow.name, index)
+                return Finish("filtered", index, context)
+            context.setdefault("steps", {})[str(index)] = True
+            return None
+        if isinstance(step, MapStep):
+            mapped = self.templates.render(step.fields, values)
+            context["mapped"] = mapped
+            context.setdefault("steps", {})[str(index)] = mapped
+            return None
+        return self._action(ex, index, step, context, values, spawn, log)
+
+    def _inputs(self, step: ActionStep, model: type, values: dict) -> dict[str, Any]:
+        """Render the action's input templates; HTML-ish fields marked `autoescape` are escaped."""
+        data = {}
+        for name, template in step.inputs.items():
+            field = model.model_fields.get(name)
+            extra = (field.json_schema_extra if field else None) or {}
+            data[name] = self.templates.render(template, values, autoescape=bool(isinstance(extra, dict) and extra.get("autoescape")))
+        if "body" in model.model_fields:
+            if step.body == "mapped" or (step.body is None and values["mapped"] is not None):
+                if values["mapped"] is None:
+                    raise RenderError("body = 'mapped' but no map step ran before this action")
+                data["body"] = values["mapped"]
+            elif step.body is None:
+                data["body"] = values["record"]
+            else:
+                data["body"] = self.templates.render(step.body, values)
+        return data
+
+    def _action(self, ex: Execution, index: int, step: ActionStep, context: dict, values: dict, spawn: list, log) -> Finish | dict | None:
+        connector_name, action = step.target()
+        if not step.wait_for_response and not ex.single:
+            context.setdefault("steps", {})[str(index)] = {"queued": True}
+            spawn.append({"step": index, "context": {**context, "steps": dict(context.get("steps", {}))}})
+            return None
+        model = self.config.connectors[connector_name].actions()[action]
+        try:
+            data = model.model_validate(self._inputs(step, model, values)).model_dump()
+        except ValidationError as error:
+            raise RenderError("invalid input: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False))) from None
+        key = idempotency_key(ex.flow, index, ex.source, ex.key, ex.replay)
+        started = self.clock()
+        outcome = self._call(self.connectors[connector_name], action, data, key)
+        attempt = {"step": index, "started": started, "finished": self.clock(), "outcome": outcome.status,
+                   "status_code": outcome.status_code, "error": outcome.error}
+        return self._settle(ex, index, step, context, outcome, attempt, log)
+
+    @staticmethod
+    def _call(connector: Connector, action: Action, data: dict, key: str) -> Outcome:
+        try:
+            return connector.run(action, data, key)
+        except Exception as error:  # a connector bug must not kill the agent; retry it like a transient failure
+            logger.exception("connector raised instead of returning an Outcome")
+            return Outcome("retryable", error=f"connector error: {type(error).__name__}: {error}", condition="connection")
+
+    def _settle(self, ex: Execution, index: int, step: ActionStep, context: dict, outcome: Outcome, attempt: dict, log) -> Finish | dict:
+        """Decide what an action's outcome means for the execution."""
+        now = self.clock()
+        where = f"flow {ex.flow!r} step {index} ({step.action})"
+        if outcome.status == "succeeded":
+            context.setdefault("steps", {})[str(index)] = outcome.output
+            return attempt
+        error = f"{where}: {outcome.error or outcome.status}"
+        if outcome.status == "paused":
+            log.error("connector paused: {} (nothing is sent to it and no attempt is spent until it answers again)", error)
+            return Finish("paused", index, context, next_at=now + PAUSE_PROBE, error=error, attempt=attempt)
+        policy = RetryPolicy.from_config(step.retry)
+        if outcome.status == "retryable" and policy.covers(outcome.condition, outcome.status_code):
+            at = policy.next_time(ex.attempts, ex.first_attempt or now, now, outcome.retry_after, self.rand)
+            if at is not None:
+                log.warning("record {} will be retried in {:.0f}s (attempt {}): {}", ex.key, at - now, ex.attempts, error)
+                return Finish("retrying", index, context, next_at=at, error=error, attempt=attempt)
+            status = "dead"
+            error = f"gave up after {ex.attempts} attempts: {error}"
+        else:
+            status = "failed"
+        if step.proceed_on_failure:
+            log.warning("record {} step {} failed, flow goes on (proceed_on_failure): {}", ex.key, index, error)
+            context.setdefault("steps", {})[str(index)] = {"failed": True, "error": error}
+            return attempt
+        log.error("record {} {}: {}", ex.key, status, error)
+        return Finish(status, index, context, error=error, attempt=attempt)

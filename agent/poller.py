@@ -1,0 +1,194 @@
+"""Poll one source: stream its pages, identify and admit records, then move the cursor.
+
+A poll that fails half-way keeps what it admitted (those records are safe)
+and leaves the cursor where it was; the next poll starts from the old cursor
+and the ledger absorbs the overlap.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+from loguru import logger
+
+from agent.config import Config
+from agent.templates import RenderError, Templates
+from sources.base import Page, SourceConfig, SourceError, dig
+from state.ledger import Admission, Ledger
+
+
+class BadRecord(ValueError):
+    """A record that cannot be admitted (it is quarantined, the page goes on)."""
+
+
+@dataclass
+class PollResult:
+    source: str
+    pages: int = 0
+    fetched: int = 0
+    new: int = 0
+    primed: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    superseded: int = 0
+    error: str | None = None
+    cursor: str | None = None
+    bad: list[str] = field(default_factory=list)
+
+
+def content_hash(record: Any) -> str:
+    text = json.dumps(record, sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _text_key(value: Any, name: str) -> str:
+    """Strings and integers are ids; `1` and `"1"` are the same key. Anything else is bad."""
+    if isinstance(value, bool) or value is None or isinstance(value, (float, list, dict)):
+        raise BadRecord(f"field {name!r} is {json.dumps(value)[:40]}, not a usable id (strings and integers only)")
+    text = str(value)
+    if not text.strip():
+        raise BadRecord(f"field {name!r} is empty")
+    return text
+
+
+def identify(record: Any, cfg: SourceConfig) -> Admission:
+    """The record's dedupe key, version, hash and entity by the source's settings."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"a record must be a JSON object, not {type(record).__name__}")
+    digest = content_hash(record)
+    try:
+        size = len(json.dumps(record, ensure_ascii=False, default=str).encode("utf-8"))
+    except UnicodeEncodeError as error:
+        raise BadRecord(f"holds a lone surrogate (broken Unicode) at character {error.start}") from None
+    if size > cfg.max_record_bytes:
+        raise BadRecord(f"record is {size} bytes, over max_record_bytes = {cfg.max_record_bytes}")
+    if cfg.id not in record:
+        raise BadRecord(f"no {cfg.id!r} field (the source's id)")
+    rid = _text_key(record[cfg.id], cfg.id)
+    updated = record.get(cfg.updated) if cfg.updated else None
+    version = "" if updated is None else str(updated)
+    key = {"id": rid, "id+updated": f"{rid}@{version}", "content": digest}[cfg.dedupe]
+    entity = _text_key(record[cfg.entity], cfg.entity) if cfg.entity and record.get(cfg.entity) is not None else (rid if cfg.dedupe != "content" else key)
+    return Admission(key=key, id=rid, version=version, hash=digest, entity=entity, context={"record": record})
+
+
+def _parse_time(value: Any) -> datetime | float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        parsed = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def cursor_value(highest: Any, overlap: float) -> str | None:
+    """The highest `updated` seen minus the overlap, in the view's own style where possible."""
+    parsed = _parse_time(highest)
+    if parsed is None:
+        return None if highest is None else str(highest)
+    if isinstance(parsed, float):
+        scale = 1000.0 if parsed > 1e11 else 1.0  # epoch milliseconds vs seconds
+        value = parsed - overlap * scale
+        return str(int(value)) if float(value).is_integer() else str(value)
+    moved = (parsed - timedelta(seconds=overlap)).astimezone(timezone.utc)
+    return moved.strftime("%Y-%m-%dT%H:%M:%S") + (f".{moved.microsecond:06d}" if moved.microsecond else "") + "Z"
+
+
+class Poller:
+    """Polls the configured sources into the ledger."""
+
+    def __init__(self, config: Config, ledger: Ledger, sources: dict[str, Any], *, clock: Callable[[], float],
+                 templates: Templates | None = None):
+        self.config = config
+        self.ledger = ledger
+        self.sources = sources
+        self.clock = clock
+        self.templates = templates or Templates()
+
+    def poll(self, name: str) -> PollResult:
+        cfg = self.config.sources[name]
+        result = PollResult(name)
+        log = logger.bind(source=name)
+        row = self.ledger.cursor(name)
+        cursor = row["value"] if row else None
+        prime = cfg.first_run == "skip" and not self.ledger.primed(name)
+        flows = [(flow.name, cfg.supersede) for flow in self.config.flows_of(name)]
+        self._warn_gap(name, cfg, row, log)
+        started = self.clock()
+        poll_id = self.ledger.start_poll(name, started)
+        highest = None
+        try:
+            params = {k: str(v) for k, v in self.templates.render(getattr(cfg, "params", {}) or {}, {"cursor": cursor or "", "source": name, "now": started}).items()}
+            for page in self.sources[name].pages(params):
+                highest = self._page(name, cfg, page, cursor, flows, prime, result, highest, log)
+        except SourceError as error:
+            result.error = str(error)
+        except RenderError as error:
+            result.error = f"params: {error}"
+        result.cursor = cursor_value(highest, cfg.overlap) if highest is not None else None
+        self.ledger.end_poll(poll_id, name, self.clock(), pages=result.pages, fetched=result.fetched, new=result.new,
+                             primed=result.primed, quarantined=result.quarantined, error=result.error, cursor=result.cursor)
+        self._log(result, log)
+        return result
+
+    def _page(self, name: str, cfg: SourceConfig, page: Page, cursor: str | None, flows: list, prime: bool,
+              result: PollResult, highest: Any, log) -> Any:
+        """Identify, quarantine and admit one page; return the highest `updated` so far."""
+        good: list[Admission] = []
+        for position, record in enumerate(page.records):
+            try:
+                item = identify(record, cfg)
+            except BadRecord as error:
+                self._quarantine(name, page, position, record, str(error), result, log)
+                continue
+            item.context["cursor"] = cursor
+            good.append(item)
+            if cfg.updated and isinstance(record, dict) and record.get(cfg.updated) is not None:
+                highest = _later(highest, record[cfg.updated])
+        admitted = self.ledger.admit(name, good, flows, self.clock(), prime=prime)
+        result.pages += 1
+        result.fetched += len(page.records)
+        result.new += admitted.new
+        result.primed += admitted.primed
+        result.duplicates += admitted.duplicates
+        result.superseded += admitted.superseded
+        log.debug("{} page {}: {} records, {} new", name, page.number, len(page.records), admitted.new + admitted.primed)
+        return highest
+
+    def _quarantine(self, name: str, page: Page, position: int, record: Any, reason: str, result: PollResult, log) -> None:
+        excerpt = json.dumps(record, ensure_ascii=True, default=str)[:300]
+        first = self.ledger.quarantine(name, content_hash(record), reason, f"{page.where or page.number} record {position + 1}", excerpt, self.clock())
+        result.quarantined += 1
+        if first:
+            result.bad.append(reason)
+            log.warning("{}: {} record {} quarantined: {} — {}", name, page.where or f"page {page.number}", position + 1, reason, excerpt[:120])
+
+    def _warn_gap(self, name: str, cfg: SourceConfig, row: dict | None, log) -> None:
+        if cfg.window and row and row.get("last_success") and self.clock() - row["last_success"] > cfg.window:
+            since = datetime.fromtimestamp(row["last_success"], timezone.utc).isoformat(timespec="seconds")
+            log.warning("{}: no good poll since {}, longer than the view's window ({:.0f}s): records changed in between may have been missed", name, since, cfg.window)
+
+    @staticmethod
+    def _log(result: PollResult, log) -> None:
+        summary = (f"poll {result.source}: {result.pages} pages, {result.fetched} records, {result.new} new, "
+                   f"{result.primed} primed, {result.quarantined} quarantined")
+        if result.error:
+            log.error("{} — FAILED: {} (the cursor stays; next poll tries again)", summary, result.error)
+        else:
+            log.info(summary)
+
+
+def _later(a: Any, b: Any) -> Any:
+    """The later of two `updated` values (timestamps compared as times, not strings)."""
+    if a is None:
+        return b
+    pa, pb = _parse_time(a), _parse_time(b)
+    if pa is not None and pb is not None and type(pa) is type(pb):
+        return b if pb > pa else a
+    return b if str(b) > str(a) else a

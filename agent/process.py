@@ -1,0 +1,145 @@
+"""The agent process: composes sources, connectors and the ledger; polls, delivers, runs on schedule."""
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import schedule
+from loguru import logger
+
+import sinks
+import sources
+from agent.config import Config
+from agent.flows import FlowRunner
+from agent.http import build_session
+from agent.poller import Poller, PollResult
+from agent.templates import Templates
+from state.ledger import Execution, Finish, Ledger
+
+
+def build(cls: type, cfg: Any, available: dict[str, Any]) -> Any:
+    """Construct a plugin with the injected dependencies its constructor asks for."""
+    wanted = inspect.signature(cls).parameters
+    return cls(cfg, **{name: value for name, value in available.items() if name in wanted})
+
+
+@dataclass
+class DrainResult:
+    sent: int = 0
+    succeeded: int = 0
+    filtered: int = 0
+    failed: int = 0
+    dead: int = 0
+    retrying: int = 0
+    paused: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Agent:
+    """One agent on one ledger. ``clock`` returns epoch seconds."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time, ledger: Ledger | None = None,
+                 session_factory: Callable[..., Any] = build_session):
+        self.config = config
+        self.clock = clock
+        self.stopping = threading.Event()
+        self.ledger = ledger or Ledger(config.ledger_path)
+        templates = Templates()
+        pool = config.agent.concurrency
+        self.sources = {
+            name: build(sources.source_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"sources.{name}")), "base_dir": config.base_dir})
+            for name, cfg in config.sources.items()
+        }
+        self.connectors = {
+            name: build(sinks.connector_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"connectors.{name}"), pool),
+                                                               "clock": clock, "base_dir": config.base_dir})
+            for name, cfg in config.connectors.items()
+        }
+        self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates)
+        self.poller = Poller(config, self.ledger, self.sources, clock=clock, templates=templates)
+        recovered = self.ledger.recover(clock())
+        if recovered:
+            logger.warning("{} execution(s) were interrupted by a stop; they are due again now, with the same idempotency keys", recovered)
+
+    def close(self) -> None:
+        for connector in self.connectors.values():
+            try:
+                connector.close()
+            except Exception:  # closing is best effort; the ledger must still close
+                logger.exception("closing a connector failed")
+        self.ledger.close()
+
+    def poll(self, name: str) -> PollResult:
+        return self.poller.poll(name)
+
+    def poll_all(self) -> list[PollResult]:
+        return [self.poll(name) for name in self.config.sources if not self.stopping.is_set()]
+
+    def drain(self) -> DrainResult:
+        """Deliver everything due now; in-flight steps finish even when stopping."""
+        result = DrainResult()
+        size = self.config.agent.concurrency
+        in_flight: dict[Future, Execution] = {}
+        with ThreadPoolExecutor(max_workers=size, thread_name_prefix="deliver") as pool:
+            while True:
+                if not self.stopping.is_set() and len(in_flight) < size:
+                    for ex in self.ledger.claim(self.clock(), size - len(in_flight), self.config.agent.lease):
+                        in_flight[pool.submit(self.runner.run, ex)] = ex
+                if not in_flight:
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                batch = [(in_flight.pop(f), f.result()) for f in done]
+                self.ledger.finish_many(batch, self.clock())
+                for ex, finish in batch:
+                    self._tally(result, ex, finish)
+        if result.sent or result.failed or result.dead:
+            logger.info("drain: {} sent, {} failed, {} dead, {} retrying, {} paused", result.sent, result.failed, result.dead, result.retrying, result.paused)
+        return result
+
+    @staticmethod
+    def _tally(result: DrainResult, ex: Execution, finish: Finish) -> None:
+        if finish.attempt and finish.attempt["outcome"] == "succeeded":
+            result.sent += 1
+        if finish.status in ("succeeded", "filtered", "failed", "dead", "retrying", "paused"):
+            setattr(result, finish.status, getattr(result, finish.status) + 1)
+        if finish.status in ("failed", "dead") and finish.error:
+            result.errors.append(f"execution {ex.id} ({ex.flow}, record {ex.key}): {finish.error}")
+
+    def waiting(self) -> int:
+        counts = self.ledger.counts()
+        return sum(n for flow in counts.values() for status, n in flow.items() if status in ("pending", "retrying", "paused"))
+
+    def run_forever(self, idle: float = 5.0) -> None:
+        """Poll at start and on each source's schedule; deliver continuously until ``stopping`` is set."""
+        scheduler = schedule.Scheduler()
+        for name, cfg in self.config.sources.items():
+            job = scheduler.every().day.at(cfg.at, cfg.timezone) if cfg.at else scheduler.every(cfg.every).seconds
+            job.do(self._scheduled_poll, name)
+        logger.info("agent running: {} source(s), {} flow(s), ledger {}", len(self.sources), len(self.config.flows), self.config.ledger_path)
+        self.poll_all()
+        while not self.stopping.is_set():
+            scheduler.run_pending()
+            self.drain()
+            self.stopping.wait(self._sleep_for(scheduler, idle))
+        logger.info("agent stopped")
+
+    def _scheduled_poll(self, name: str) -> None:
+        if self.stopping.is_set():
+            return
+        try:
+            self.poll(name)
+        except Exception:  # schedule lets a job's exception escape run_pending(); one bad poll must not stop the agent
+            logger.exception("poll of {} failed unexpectedly", name)
+
+    def _sleep_for(self, scheduler: schedule.Scheduler, idle: float) -> float:
+        waits = [idle]
+        if scheduler.idle_seconds is not None:
+            waits.append(scheduler.idle_seconds)
+        due = self.ledger.next_due()
+        if due is not None:
+            waits.append(due - self.clock())
+        return max(0.05, min(waits))

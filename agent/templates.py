@@ -1,0 +1,115 @@
+"""Jinja templates for filters, maps and action inputs, in a sandbox with strict undefined.
+
+Templates come only from the config; record values are data (a ``{{ ... }}``
+inside a record field is printed, never evaluated). A template that is
+exactly one ``{{ expression }}`` keeps its native type, so
+``"{{ record.Amount }}"`` stays a number and ``"{{ record }}"`` a mapping.
+"""
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, UndefinedError
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
+
+_SINGLE = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\{\{|\}\}|\{%|%\}).)*)\}\}\s*$", re.S)
+
+
+class TemplateSyntaxProblem(ValueError):
+    """A template in the config does not parse (a config error)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class RenderError(ValueError):
+    """A template failed for this record: a missing field, a type error, a sandbox violation."""
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=False, default=str)
+
+
+def _environment(autoescape: bool) -> SandboxedEnvironment:
+    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True)
+    env.filters["tojson"] = _tojson  # readable JSON: no \\u escapes of umlauts in an email body
+    return env
+
+
+class Templates:
+    """Compiles (once) and renders config templates; ``autoescape`` for HTML fields."""
+
+    def __init__(self) -> None:
+        self._envs = {False: _environment(False), True: _environment(True)}
+        self._compile = lru_cache(maxsize=4096)(self._compile_uncached)
+
+    def _compile_uncached(self, source: str, autoescape: bool, expression: bool):
+        env = self._envs[autoescape]
+        if expression:
+            return env.compile_expression(source, undefined_to_none=False)
+        single = _SINGLE.match(source)
+        if single and not autoescape:
+            return env.compile_expression(single["expr"], undefined_to_none=False)
+        return env.from_string(source).render
+
+    def render(self, template: Any, context: dict[str, Any], autoescape: bool = False) -> Any:
+        """Render a template string, or every string inside a table/list of templates."""
+        if isinstance(template, dict):
+            return {k: self.render(v, context, autoescape) for k, v in template.items()}
+        if isinstance(template, list):
+            return [self.render(v, context, autoescape) for v in template]
+        if not isinstance(template, str) or ("{{" not in template and "{%" not in template):
+            return template
+        return self._run(self._compile(template, autoescape, False), context)
+
+    def evaluate(self, expression: str, context: dict[str, Any]) -> Any:
+        """Evaluate a bare Jinja expression (a filter's ``when``)."""
+        return self._run(self._compile(expression, False, True), context)
+
+    @staticmethod
+    def _run(compiled, context: dict[str, Any]) -> Any:
+        try:
+            value = compiled(**context)
+            if isinstance(value, Undefined):
+                str(value)  # StrictUndefined raises here, naming the missing field
+            return value
+        except UndefinedError as error:
+            raise RenderError(f"missing field: {error.message}") from None
+        except SecurityError as error:
+            raise RenderError(f"not allowed in a template: {error}") from None
+        except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as error:
+            raise RenderError(f"{type(error).__name__}: {error}") from None
+
+    def check_step(self, step: Any) -> None:
+        """Compile every template of a step now, so a syntax error is a config error."""
+        for field, source, expression in _templates_of(step):
+            try:
+                self._compile(source, False, expression)
+            except TemplateSyntaxError as error:
+                raise TemplateSyntaxProblem(field, f"{source!r} is not a valid template: {error.message}") from None
+
+
+def _templates_of(step: Any):
+    """(field, template, is_expression) for every template string in a step."""
+    if step.kind == "filter":
+        yield "when", step.when, True
+        return
+    tables = {"fields": step.fields} if step.kind == "map" else {**step.inputs, "body": step.body}
+    for name, value in tables.items():
+        yield from _strings(name, value)
+
+
+def _strings(path: str, value: Any):
+    if isinstance(value, str):
+        yield path, value, False
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(f"{path}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _strings(f"{path}[{i}]", v)

@@ -1,0 +1,287 @@
+"""The REST view source: GET a JSON view page by page and yield each page as it arrives.
+
+``paging.kind`` picks a paginator; each is a config model with one method,
+``follow(url, params, last)``: the next request after the page ``last``
+(``None`` before the first), or ``None`` to stop::
+
+    none      one request
+    page      param=start, start+1, ...  (size_param=size when set)
+    offset    param=start, start+size, ... (size_param=size)
+    cursor    param=<token found at the dotted path `next` in the body>
+    link      the RFC 8288 ``Link: <...>; rel="next"`` header
+    next_url  the URL found at the dotted path `next` in the body (may be relative)
+
+Every kind also stops at an empty page, when the optional ``total`` path says
+everything was fetched, and after ``max_pages`` pages (with a warning). A page
+that repeats the previous one is an error, not an endless loop. Next URLs
+must stay on the configured scheme, host and port, and redirects are not
+followed, so credentials only ever go where the config points.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Iterator, Literal, Union
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sources.base import Page, PageError, Seconds, SourceConfig, dig
+
+
+@dataclass
+class Response:
+    """What the paginators may read from one fetched page."""
+
+    number: int
+    url: str
+    body: Any
+    links: dict
+    count: int
+
+
+class _Paging(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    total: str | None = None
+    max_pages: int = Field(10_000, ge=1)
+
+
+class NoPaging(_Paging):
+    kind: Literal["none"] = "none"
+
+    def follow(self, url: str, params: dict[str, str], last: Response | None):
+        """One request, no follow-up."""
+        return None if last else (url, params)
+
+
+class PagePaging(_Paging):
+    kind: Literal["page"]
+    param: str = "page"
+    size_param: str | None = "pageSize"
+    size: int = Field(100, ge=1)
+    start: int = 1
+
+    def follow(self, url: str, params: dict[str, str], last: Response | None):
+        """Ask for the next page number until a page comes back short."""
+        if last and last.count < self.size:
+            return None
+        sizing = {self.size_param: str(self.size)} if self.size_param else {}
+        return url, {**params, **sizing, self.param: str(self.start + (last.number if last else 0))}
+
+
+class OffsetPaging(_Paging):
+    kind: Literal["offset"]
+    param: str = "offset"
+    size_param: str | None = "limit"
+    size: int = Field(100, ge=1)
+    start: int = 0
+
+    def follow(self, url: str, params: dict[str, str], last: Response | None):
+        """Ask for the next `size` records until a page comes back short."""
+        if last and last.count < self.size:
+            return None
+        sizing = {self.size_param: str(self.size)} if self.size_param else {}
+        offset = self.start + (last.number * self.size if last else 0)
+        return url, {**params, **sizing, self.param: str(offset)}
+
+
+class CursorPaging(_Paging):
+    kind: Literal["cursor"]
+    param: str = "cursor"
+    next: str
+
+    def follow(self, url: str, params: dict[str, str], last: Response | None):
+        """Send back the token the previous body named; stop when there is none."""
+        if last is None:
+            return url, params
+        token = _found(last.body, self.next)
+        if isinstance(token, (dict, list, bool)):
+            raise PageError(f"the next-page token at '{self.next}' is a {type(token).__name__}, not a string", page=last.number)
+        return None if token in (None, "") else (url, {**params, self.param: str(token)})
+
+
+class LinkPaging(_Paging):
+    kind: Literal["link"]
+
+    def follow(self, url: str, params: dict[str, str], last: Response | None):
+        """Follow the Link header's rel="next" URL; it carries its own query."""
+        if last is None:
+            return url, params
+        target = last.links.get("next", {}).get("url")
+        return (urljoin(last.url, target), {}) if target else None
+
+
+class NextUrlPaging(_Paging):
+    kind: Literal["next_url"]
+    next: str
+
+    def follow(self, url: str, params: dict[str, str], last: Response | None):
+        """Follow the URL the previous body named (relative to that page); it carries its own query."""
+        if last is None:
+            return url, params
+        target = _found(last.body, self.next)
+        if target not in (None, "") and not isinstance(target, str):
+            raise PageError(f"the next URL at '{self.next}' is a {type(target).__name__}, not a string", page=last.number)
+        return (urljoin(last.url, target), {}) if target else None
+
+
+Paging = Annotated[
+    Union[NoPaging, PagePaging, OffsetPaging, CursorPaging, LinkPaging, NextUrlPaging],
+    Field(discriminator="kind"),
+]
+
+
+def _found(body: Any, path: str) -> Any:
+    """The value at a dotted path, or None when the body does not have it."""
+    try:
+        return dig(body, path)
+    except KeyError:
+        return None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and effective port: what must match for credentials to be sent."""
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+def _public(url: str) -> str:
+    """A URL without credentials or query string, safe for logs and errors."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+
+
+def _excerpt(content: bytes) -> str:
+    """At most 200 characters of a body, on one line."""
+    text = " ".join(content[:400].decode("utf-8", "replace").split())
+    return text[:200] or "(empty body)"
+
+
+_REASONS = (r"\[Errno -?\d+\] [^'\")]+", "Remote end closed connection without response", r"IncompleteRead\([^)]*\)", "Connection aborted")
+
+
+def _reason(exc: Exception) -> str:
+    """The useful part of a requests error, without the URL and its query string."""
+    for pattern in _REASONS:
+        if found := re.search(pattern, str(exc)):
+            return found[0]
+    return type(exc).__name__
+
+
+class RestSource:
+    """Polls one REST view; see the module docstring for paging."""
+
+    class Config(SourceConfig):
+        kind: Literal["rest"]
+        url: str
+        timeout: Seconds = 30.0
+        params: dict[str, str] = {}
+        paging: Paging = NoPaging()
+
+        @field_validator("url")
+        @classmethod
+        def _http_url(cls, url: str) -> str:
+            """Only http(s) URLs with a host; the value is not echoed, it may hold a key."""
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL with a host, like 'https://app.example/api/views/Leads'")
+            return url
+
+    def __init__(self, config: RestSource.Config, *, session: requests.Session):
+        self.config = config
+        self.session = session
+
+    def pages(self, params: dict[str, str]) -> Iterator[Page]:
+        """Yield the view's pages in order, fetching the next only when asked for it."""
+        paging, request = self.config.paging, self.config.paging.follow(self.config.url, params, None)
+        fetched, total, previous = 0, None, None
+        for number in range(1, paging.max_pages + 1):
+            response = self._fetch(*request, number)
+            records = self._records(response.body, number, response.url)
+            response.count = len(records)
+            signature = (len(records), records[0], records[-1]) if records else None
+            if signature and signature == previous:
+                raise PageError(f"{self._where(number, response.url)} repeats the previous page: the server ignores the paging parameter (check paging.param)", page=number)
+            fetched, total = fetched + len(records), self._total(response, total)
+            done = not records or (total is not None and fetched >= total)
+            request = None if done else paging.follow(request[0], params, response)
+            if request and number == paging.max_pages:
+                logger.warning("{}: stopped at paging.max_pages = {}; the view has more", self._where(number, response.url), number)
+            response.body = None  # one page in memory: the records are handed over, drop the rest
+            yield Page(number, records, self._where(number, response.url), {"total": total} if total is not None else {})
+            if request is None:
+                return
+            self._check_origin(request[0], number)
+            previous = signature
+
+    def _fetch(self, url: str, params: dict[str, str], number: int) -> Response:
+        """GET one page and parse it; every failure becomes a PageError naming the page."""
+        where = self._where(number, url)
+        try:
+            with self.session.get(url, params=params or None, timeout=self.config.timeout, allow_redirects=False) as response:
+                content, status, links = response.content, response.status_code, response.links
+                reason, location = response.reason, response.headers.get("Location")
+        except requests.Timeout:
+            raise PageError(f"{where}: no answer within {self.config.timeout:g}s (timeout)", page=number) from None
+        except requests.ConnectionError as exc:
+            raise PageError(f"{where}: connection failed: {_reason(exc)}", page=number) from None
+        except requests.RequestException as exc:
+            raise PageError(f"{where}: request failed: {_reason(exc)}", page=number) from None
+        if 300 <= status < 400:
+            target = _public(urljoin(url, location)) if location else "nowhere"
+            raise PageError(f"{where}: HTTP {status} redirect to {target}; redirects are not followed, put the final URL in the config", page=number, status=status)
+        if not 200 <= status < 300:
+            raise PageError(f"{where}: HTTP {status} {reason or ''}: {_excerpt(content)}", page=number, status=status)
+        return Response(number, url, self._parse(content, where, number), links, 0)
+
+    @staticmethod
+    def _parse(content: bytes, where: str, number: int) -> Any:
+        """Strict UTF-8, then JSON; lone surrogates in strings pass through for the agent to quarantine."""
+        try:
+            text = content.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise PageError(f"{where}: body is not UTF-8 (byte 0x{content[exc.start]:02x} at offset {exc.start})", page=number) from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PageError(f"{where}: body is not JSON ({exc.msg}; line {exc.lineno} column {exc.colno}): {_excerpt(content)}", page=number) from None
+        except (ValueError, RecursionError) as exc:
+            raise PageError(f"{where}: body is not usable JSON ({type(exc).__name__}: {str(exc)[:120]})", page=number) from None
+
+    def _records(self, body: Any, number: int, url: str) -> list[Any]:
+        """The list at the configured `records` path."""
+        path = self.config.records
+        try:
+            records = dig(body, path)
+        except KeyError:
+            keys = ", ".join(list(body)[:10]) if isinstance(body, dict) else f"the body is a {type(body).__name__}"
+            hint = "; set records = \"\" when the body is the list itself" if isinstance(body, list) else ""
+            raise PageError(f"{self._where(number, url)}: no records at '{path}' (found: {keys}){hint}", page=number) from None
+        if not isinstance(records, list):
+            raise PageError(f"{self._where(number, url)}: '{path or '(the body)'}' is a {type(records).__name__}, not a list of records", page=number)
+        return records
+
+    def _total(self, response: Response, known: int | None) -> int | None:
+        """The record count the body announces at `paging.total`, or what an earlier page said."""
+        path = self.config.paging.total
+        value = _found(response.body, path) if path else None
+        if value is None:
+            return known
+        if isinstance(value, bool) or not str(value).isdigit():
+            raise PageError(f"{self._where(response.number, response.url)}: the total at '{path}' is {str(value)[:40]!r}, not a count", page=response.number)
+        return int(value)
+
+    def _check_origin(self, url: str, number: int) -> None:
+        """Refuse a next URL on another scheme, host or port: it would receive the credentials."""
+        if _origin(url) != _origin(self.config.url):
+            scheme, host, port = _origin(url)
+            raise PageError(f"{self._where(number, self.config.url)}: the next-page URL points at {scheme}://{host}:{port}, not the configured host; refusing to follow it", page=number + 1)
+
+    def _where(self, number: int, url: str) -> str:
+        """'page 3 of GET http://host/path' without query string or credentials."""
+        return f"page {number} of GET {_public(url)}"

@@ -1,0 +1,508 @@
+"""The SQLite ledger: the only place that knows SQL.
+
+One agent holds a ledger at a time (an exclusive ``flock`` on ``<ledger>.lock``).
+Every write is one ``BEGIN IMMEDIATE`` transaction; WAL with
+``synchronous=FULL``; files are created 0600; ``PRAGMA quick_check`` at open;
+the schema migrates forward (sqlite-utils ``Migrations``) and an old ledger is
+never dropped.
+
+Execution statuses::
+
+    pending ─► running ─► succeeded | filtered | failed | dead
+                  │  ▲
+                  ▼  │
+           retrying / paused          superseded (retired before it started)
+
+Times are epoch seconds (floats) given by the caller: the ledger never reads
+the clock itself.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from state.base import LedgerBusy, LedgerDamaged, LedgerError, LedgerUnwritable
+
+ACTIVE = ("pending", "running", "retrying", "paused")
+WAITING = ("pending", "retrying", "paused")
+FINISHED = ("succeeded", "filtered", "superseded")
+STATUSES = ACTIVE + FINISHED + ("failed", "dead", "quarantined")
+
+migrations = Migrations("sync-agent-ledger")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db["records"].create({"source": str, "key": str, "id": str, "version": str, "hash": str, "first_seen": float}, pk=("source", "key"))
+    db["executions"].create(
+        {
+            "id": int, "flow": str, "source": str, "key": str, "entity": str, "step": int, "status": str,
+            "attempts": int, "first_attempt": float, "next_at": float, "lease_until": float, "context": str,
+            "last_error": str, "created": float, "updated": float, "replay": int, "single": int,
+        },
+        pk="id",
+        not_null={"flow", "source", "key", "step", "status", "attempts", "created", "updated"},
+        defaults={"attempts": 0, "step": 0, "replay": 0, "single": 0},
+    )
+    db["executions"].create_index(["status", "next_at"])
+    db["executions"].create_index(["flow", "entity", "id"])
+    db["executions"].create_index(["source", "key"])
+    db["attempts"].create(
+        {"id": int, "execution": int, "step": int, "n": int, "started": float, "finished": float,
+         "outcome": str, "status_code": int, "error": str},
+        pk="id",
+    )
+    db["attempts"].create_index(["execution"])
+    db["cursors"].create({"source": str, "value": str, "last_poll": float, "last_success": float, "last_error": str}, pk="source")
+    db["polls"].create(
+        {"id": int, "source": str, "started": float, "finished": float, "pages": int, "fetched": int,
+         "new": int, "primed": int, "quarantined": int, "error": str},
+        pk="id",
+    )
+    db["polls"].create_index(["source", "id"])
+    db["quarantine"].create(
+        {"source": str, "hash": str, "reason": str, "page": str, "excerpt": str, "first_seen": float, "last_seen": float, "count": int},
+        pk=("source", "hash"),
+    )
+    db["meta"].create({"name": str, "value": str}, pk="name")
+
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Admission:
+    """One good record of a page, identified by the agent."""
+
+    key: str
+    id: str
+    version: str
+    hash: str
+    entity: str
+    context: dict  # what the flow starts from: {"record": ..., "cursor": ...}
+
+
+@dataclass
+class Admitted:
+    new: int = 0
+    primed: int = 0
+    duplicates: int = 0
+    superseded: int = 0
+
+
+@dataclass
+class Execution:
+    id: int
+    flow: str
+    source: str
+    key: str
+    entity: str
+    step: int
+    attempts: int
+    first_attempt: float | None
+    context: dict
+    replay: int = 0
+    single: bool = False
+
+
+@dataclass
+class Finish:
+    """What one claimed execution's run came to; written in one transaction."""
+
+    status: str  # pending (more steps) | succeeded | filtered | retrying | paused | failed | dead
+    step: int
+    context: dict
+    next_at: float | None = None
+    error: str | None = None
+    attempt: dict | None = None  # step, started, finished, outcome, status_code, error
+    spawn: list[dict] = field(default_factory=list)  # single-step executions for wait_for_response = false
+
+
+def _json(value: Any) -> str:
+    # ASCII escapes keep a lone surrogate ("\ud800") from breaking the insert; it round-trips through json
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)
+
+
+class Ledger:
+    """The SQLite ledger file, held exclusively by this process while open."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False, hold: bool = True, busy_timeout: float = 5.0):
+        """Open (creating and migrating) the ledger as its one agent; ``hold=False`` or
+        ``readonly`` open an existing ledger beside a running agent (operator commands)."""
+        self.path = Path(path)
+        self.readonly = readonly
+        self.hold = hold and not readonly
+        self._lock_fd: int | None = None
+        if self.hold:
+            self._lock()
+        try:
+            self.conn = self._connect(busy_timeout)
+            self.db = Database(self.conn)
+            self._check()
+            if self.hold:
+                self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening -----------------------------------------------------------------
+    def _lock(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise LedgerUnwritable(f"{self.path}: cannot create the ledger's folder or lock file: {error.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LedgerBusy(f"{self.path}: another agent is running on this ledger (pid {holder}); stop it first, or use a different [agent] ledger") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _connect(self, busy_timeout: float) -> sqlite3.Connection:
+        if not self.hold and not self.path.exists():
+            raise LedgerUnwritable(f"{self.path}: no ledger yet (run the agent once to create it)")
+        old_umask = os.umask(0o177)  # the ledger and its -wal/-shm are created 0600
+        try:
+            uri = f"file:{self.path}?mode=ro" if self.readonly else f"file:{self.path}"
+            conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            if not self.readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            return conn
+        except sqlite3.DatabaseError as error:
+            raise self._classify(error) from None
+        finally:
+            os.umask(old_umask)
+
+    def _classify(self, error: sqlite3.Error) -> LedgerError:
+        text = str(error)
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return LedgerDamaged(f"{self.path}: the ledger is damaged ({text}); restore it from a backup or move it aside to inspect it — the agent will not start a fresh one over it")
+        if "locked" in text or "busy" in text:
+            return LedgerBusy(f"{self.path}: the ledger is busy ({text})")
+        return LedgerUnwritable(f"{self.path}: cannot use the ledger ({text})")
+
+    def _check(self) -> None:
+        try:
+            rows = self.conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as error:
+            raise self._classify(error) from None
+        if [r[0] for r in rows] != ["ok"]:
+            detail = "; ".join(str(r[0]) for r in rows[:3])
+            raise LedgerDamaged(f"{self.path}: the ledger is damaged (quick_check: {detail}); restore it from a backup or move it aside to inspect it — the agent will not start a fresh one over it")
+
+    def _migrate(self) -> None:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("COMMIT")  # fail early and clearly if the file cannot be written
+            migrations.apply(self.db)
+            with self.write():
+                self.db["meta"].upsert({"name": "schema_version", "value": str(SCHEMA_VERSION)}, pk="name")
+        except sqlite3.DatabaseError as error:
+            raise self._classify(error) from None
+
+    def close(self) -> None:
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            conn.close()
+            self.conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction: all of it or none of it."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            raise self._classify(error) from None
+        try:
+            yield self.conn
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise self._classify(error) from None
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    def _rows(self, sql: str, params: Iterable = ()) -> list[dict]:
+        cursor = self.conn.execute(sql, tuple(params))
+        names = [c[0] for c in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    # -- admission -----------------------------------------------------------------
+    def admit(self, source: str, items: list[Admission], flows: list[tuple[str, bool]], now: float, *, prime: bool) -> Admitted:
+        """Mark a page's records seen and create their executions, in one transaction.
+
+        ``flows`` are (flow name, supersede) of the flows subscribed to the source.
+        With ``prime`` the records are marked seen and nothing is scheduled.
+        """
+        result = Admitted()
+        with self.write() as conn:
+            fresh = self._unseen(source, items)
+            result.duplicates = len(items) - len(fresh)
+            conn.executemany(
+                "INSERT INTO records (source, key, id, version, hash, first_seen) VALUES (?, ?, ?, ?, ?, ?)",
+                [(source, a.key, a.id, a.version, a.hash, now) for a in fresh],
+            )
+            if prime:
+                result.primed = len(fresh)
+                return result
+            result.new = len(fresh)
+            for flow, supersede in flows:
+                if supersede:
+                    result.superseded += self._supersede(flow, fresh, now)
+                conn.executemany(
+                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated)"
+                    " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?)",
+                    [(flow, source, a.key, a.entity, now, _json(a.context), now, now) for a in fresh],
+                )
+        return result
+
+    def _unseen(self, source: str, items: list[Admission]) -> list[Admission]:
+        """The items whose key is neither in the ledger nor earlier in the same page."""
+        seen: set[str] = set()
+        keys = list({a.key for a in items})
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            seen.update(r[0] for r in self.conn.execute(f"SELECT key FROM records WHERE source = ? AND key IN ({marks})", (source, *chunk)))
+        fresh = []
+        for item in items:
+            if item.key not in seen:
+                seen.add(item.key)
+                fresh.append(item)
+        return fresh
+
+    def _supersede(self, flow: str, fresh: list[Admission], now: float) -> int:
+        """Retire older versions of the same entity that have not started."""
+        count = 0
+        for entity in {a.entity for a in fresh}:
+            count += self.conn.execute(
+                "UPDATE executions SET status = 'superseded', updated = ?, last_error = 'a newer version arrived'"
+                " WHERE flow = ? AND entity = ? AND status = 'pending' AND step = 0 AND attempts = 0",
+                (now, flow, entity),
+            ).rowcount
+        return count
+
+    def quarantine(self, source: str, hash: str, reason: str, page: str, excerpt: str, now: float) -> bool:
+        """Keep a record that cannot be admitted; True the first time this content is seen."""
+        with self.write() as conn:
+            updated = conn.execute(
+                "UPDATE quarantine SET last_seen = ?, count = count + 1 WHERE source = ? AND hash = ?", (now, source, hash)
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    "INSERT INTO quarantine (source, hash, reason, page, excerpt, first_seen, last_seen, count) VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+                    (source, hash, reason, page, excerpt, now, now),
+                )
+        return not updated
+
+    # -- polls and cursors -----------------------------------------------------------------
+    def cursor(self, source: str) -> dict | None:
+        rows = self._rows("SELECT * FROM cursors WHERE source = ?", (source,))
+        return rows[0] if rows else None
+
+    def primed(self, source: str) -> bool:
+        """True once a poll of this source has succeeded (so it is no longer its first run)."""
+        row = self.cursor(source)
+        return bool(row and row["last_success"] is not None)
+
+    def start_poll(self, source: str, now: float) -> int:
+        with self.write() as conn:
+            return conn.execute("INSERT INTO polls (source, started, pages, fetched, new, primed, quarantined) VALUES (?, ?, 0, 0, 0, 0, 0)", (source, now)).lastrowid
+
+    def end_poll(self, poll: int, source: str, now: float, *, pages: int, fetched: int, new: int, primed: int,
+                 quarantined: int, error: str | None, cursor: str | None) -> None:
+        """Record a poll's outcome; the cursor moves only when the poll succeeded."""
+        with self.write() as conn:
+            conn.execute(
+                "UPDATE polls SET finished = ?, pages = ?, fetched = ?, new = ?, primed = ?, quarantined = ?, error = ? WHERE id = ?",
+                (now, pages, fetched, new, primed, quarantined, error, poll),
+            )
+            conn.execute("INSERT OR IGNORE INTO cursors (source) VALUES (?)", (source,))
+            if error is None:
+                conn.execute(
+                    "UPDATE cursors SET value = COALESCE(?, value), last_poll = ?, last_success = ?, last_error = NULL WHERE source = ?",
+                    (cursor, now, now, source),
+                )
+            else:
+                conn.execute("UPDATE cursors SET last_poll = ?, last_error = ? WHERE source = ?", (now, error, source))
+
+    # -- delivery -----------------------------------------------------------------
+    def recover(self, now: float) -> int:
+        """Make every `running` execution due at once (only one agent holds the ledger, so they are orphans)."""
+        with self.write() as conn:
+            orphans = conn.execute("SELECT id, step, attempts FROM executions WHERE status = 'running'").fetchall()
+            conn.executemany(
+                "INSERT INTO attempts (execution, step, n, started, finished, outcome, error) VALUES (?, ?, ?, ?, ?, 'interrupted', 'the agent stopped during this attempt')",
+                [(ex_id, step, attempts, now, now) for ex_id, step, attempts in orphans],
+            )
+            conn.execute(
+                "UPDATE executions SET status = 'retrying', next_at = ?, lease_until = NULL, updated = ?,"
+                " last_error = 'interrupted: the agent stopped during this attempt' WHERE status = 'running'",
+                (now, now),
+            )
+        return len(orphans)
+
+    def claim(self, now: float, limit: int, lease: float) -> list[Execution]:
+        """Move up to ``limit`` due executions to `running` (attempts + 1, lease) and return them.
+
+        An execution waits while an earlier one of the same flow and entity is unfinished.
+        """
+        with self.write() as conn:
+            rows = self._rows(
+                "SELECT e.* FROM executions e WHERE e.status IN ('pending', 'retrying', 'paused') AND e.next_at <= ?"
+                " AND NOT EXISTS (SELECT 1 FROM executions o WHERE o.flow = e.flow AND o.entity = e.entity AND o.id < e.id"
+                " AND o.single = 0 AND e.single = 0 AND o.status IN ('pending', 'running', 'retrying', 'paused'))"
+                " ORDER BY e.next_at, e.id LIMIT ?",
+                (now, limit),
+            )
+            conn.executemany(
+                "UPDATE executions SET status = 'running', attempts = attempts + 1, first_attempt = COALESCE(first_attempt, ?),"
+                " lease_until = ?, updated = ? WHERE id = ?",
+                [(now, now + lease, now, r["id"]) for r in rows],
+            )
+        return [
+            Execution(r["id"], r["flow"], r["source"], r["key"], r["entity"], r["step"], r["attempts"] + 1,
+                      r["first_attempt"] if r["first_attempt"] is not None else now, json.loads(r["context"]), r["replay"], bool(r["single"]))
+            for r in rows
+        ]
+
+    def finish(self, execution: Execution, result: Finish, now: float) -> None:
+        """Record the attempt, save the step output and move the execution on, in one transaction."""
+        with self.write() as conn:
+            self._finish_one(conn, execution, result, now)
+
+    def finish_many(self, done: list[tuple[Execution, Finish]], now: float) -> None:
+        """``finish`` for several executions in one transaction (one fsync for a batch)."""
+        with self.write() as conn:
+            for execution, result in done:
+                self._finish_one(conn, execution, result, now)
+
+    def _finish_one(self, conn: sqlite3.Connection, ex: Execution, result: Finish, now: float) -> None:
+        if result.attempt:
+            a = result.attempt
+            conn.execute(
+                "INSERT INTO attempts (execution, step, n, started, finished, outcome, status_code, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (ex.id, a["step"], ex.attempts, a["started"], a["finished"], a["outcome"], a.get("status_code"), a.get("error")),
+            )
+        moved = result.step != ex.step
+        attempts_sql = "0" if moved else ("attempts - 1" if result.status == "paused" else "attempts")
+        first_sql = "NULL" if moved else "first_attempt"
+        conn.execute(
+            f"UPDATE executions SET status = ?, step = ?, context = ?, next_at = ?, lease_until = NULL, last_error = ?,"
+            f" attempts = {attempts_sql}, first_attempt = {first_sql}, updated = ? WHERE id = ? AND status = 'running'",
+            (result.status, result.step, _json(result.context), result.next_at, result.error, now, ex.id),
+        )
+        for spawn in result.spawn:
+            conn.execute(
+                "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, single)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, 1)",
+                (ex.flow, ex.source, ex.key, ex.entity, spawn["step"], now, _json(spawn["context"]), now, now, ex.replay),
+            )
+
+    def next_due(self) -> float | None:
+        """The earliest time a waiting execution becomes due, or None."""
+        row = self.conn.execute("SELECT MIN(next_at) FROM executions WHERE status IN ('pending', 'retrying', 'paused')").fetchone()
+        return row[0]
+
+    # -- operator views and actions -----------------------------------------------------------------
+    def executions(self, *, status: str | None = None, flow: str | None = None, limit: int = 1000, ids: list[int] | None = None) -> list[dict]:
+        where, params = [], []
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        if flow:
+            where.append("flow = ?")
+            params.append(flow)
+        if ids:
+            where.append(f"id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
+        sql = "SELECT id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated FROM executions"
+        sql += (" WHERE " + " AND ".join(where)) if where else ""
+        return self._rows(sql + " ORDER BY id LIMIT ?", (*params, limit))
+
+    def attempts_of(self, execution: int) -> list[dict]:
+        return self._rows("SELECT step, n, started, finished, outcome, status_code, error FROM attempts WHERE execution = ? ORDER BY id", (execution,))
+
+    def quarantined(self, source: str | None = None) -> list[dict]:
+        sql = "SELECT source, hash, reason, page, excerpt, first_seen, last_seen, count FROM quarantine"
+        return self._rows(sql + (" WHERE source = ?" if source else "") + " ORDER BY first_seen", (source,) if source else ())
+
+    def requeue(self, ids: list[int] | None, now: float, *, dead: bool = False) -> list[int]:
+        """Make failed or dead executions due again with the same idempotency key."""
+        with self.write() as conn:
+            if dead:
+                rows = conn.execute("SELECT id FROM executions WHERE status = 'dead'").fetchall()
+            else:
+                marks = ",".join("?" * len(ids or []))
+                rows = conn.execute(f"SELECT id FROM executions WHERE status IN ('failed', 'dead') AND id IN ({marks})", tuple(ids or [])).fetchall()
+            found = [r[0] for r in rows]
+            conn.executemany(
+                "UPDATE executions SET status = 'retrying', attempts = 0, first_attempt = NULL, next_at = ?, updated = ? WHERE id = ?",
+                [(now, now, i) for i in found],
+            )
+        return found
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """flow -> status -> number of executions."""
+        out: dict[str, dict[str, int]] = {}
+        for flow, status, n in self.conn.execute("SELECT flow, status, COUNT(*) FROM executions GROUP BY flow, status"):
+            out.setdefault(flow, {})[status] = n
+        return out
+
+    def sources(self) -> dict[str, dict]:
+        """source -> cursor row plus records seen and quarantined counts and the last poll."""
+        out: dict[str, dict] = {}
+        for row in self._rows("SELECT * FROM cursors"):
+            out[row["source"]] = dict(row)
+        for source, n in self.conn.execute("SELECT source, COUNT(*) FROM records GROUP BY source"):
+            out.setdefault(source, {"source": source})["seen"] = n
+        for source, n in self.conn.execute("SELECT source, COUNT(*) FROM quarantine GROUP BY source"):
+            out.setdefault(source, {"source": source})["quarantined"] = n
+        for row in self._rows("SELECT p.* FROM polls p JOIN (SELECT source, MAX(id) AS id FROM polls WHERE finished IS NOT NULL GROUP BY source) l ON p.id = l.id"):
+            out.setdefault(row["source"], {"source": row["source"]})["last"] = row
+        return out
+
+    def prune(self, before: float, windows: dict[str, float], now: float) -> dict[str, int]:
+        """Delete finished executions (and their attempts) older than ``before``; seen keys older than their source's window."""
+        with self.write() as conn:
+            old = f"status IN ({','.join(repr(s) for s in FINISHED)}) AND updated < ?"
+            attempts = conn.execute(f"DELETE FROM attempts WHERE execution IN (SELECT id FROM executions WHERE {old})", (before,)).rowcount
+            executions = conn.execute(f"DELETE FROM executions WHERE {old}", (before,)).rowcount
+            polls = conn.execute("DELETE FROM polls WHERE finished < ?", (before,)).rowcount
+            records = 0
+            for source, window in windows.items():
+                records += conn.execute(
+                    "DELETE FROM records WHERE source = ? AND first_seen < ?"
+                    " AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.source = records.source AND e.key = records.key)",
+                    (source, now - window),
+                ).rowcount
+        return {"executions": executions, "attempts": attempts, "polls": polls, "records": records}
