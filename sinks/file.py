@@ -54,8 +54,9 @@ class FileConnector:
 
     Config = FileConfig
 
-    def __init__(self, config: FileConfig, *, session: Any = None, clock: Callable[[], float] = time.time):
+    def __init__(self, config: FileConfig, *, session: Any = None, clock: Callable[[], float] = time.time, base_dir: Path | None = None):
         self.config = config
+        self.path = Path(base_dir or ".") / config.path.expanduser()  # relative to the config file's folder
         self.clock = clock
         self._lock = threading.Lock()
         self._file: IO[bytes] | None = None
@@ -75,7 +76,7 @@ class FileConnector:
                 return self._append(key, line)
             except OSError as exc:
                 self._forget()
-                return Outcome("paused", error=f"{self.config.path}: cannot write ({exc.strerror or exc}); check the path and free space", condition="io")
+                return Outcome("paused", error=f"{self.path}: cannot write ({exc.strerror or exc}); check the path and free space", condition="io")
 
     def close(self) -> None:
         """Close the file; the next run reopens it."""
@@ -85,7 +86,7 @@ class FileConnector:
     def _append(self, key: str, line: bytes) -> Outcome:
         """Write one line and make it durable, or report the key as a duplicate."""
         if self._file is None or self._keys is None:
-            self._file, self._keys = open_lines(self.config.path)
+            self._file, self._keys = open_lines(self.path)
         if key in self._keys:
             return Outcome.ok({"duplicate": True})
         self._file.write(line)

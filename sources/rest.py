@@ -152,8 +152,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 def _public(url: str) -> str:
     """A URL without credentials or query string, safe for logs and errors."""
     parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def _excerpt(content: bytes) -> str:

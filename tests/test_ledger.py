@@ -1,0 +1,221 @@
+"""The ledger on a real SQLite file: admission, claims, finishing, recovery, locking, damage."""
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from state.base import LedgerBusy, LedgerDamaged
+from state.ledger import Admission, Execution, Finish, Ledger
+
+NOW = 1_800_000_000.0
+
+
+def item(key: str, entity: str | None = None, record: dict | None = None) -> Admission:
+    return Admission(key=key, id=key, version="", hash="h" + key, entity=entity or key, context={"record": record or {"id": key}})
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    with Ledger(tmp_path / "var" / "agent.db") as led:
+        yield led
+
+
+def test_fresh_file_is_created_migrated_and_private(tmp_path):
+    path = tmp_path / "var" / "agent.db"
+    with Ledger(path) as led:
+        assert set(led.db.table_names()) >= {"records", "executions", "attempts", "cursors", "polls", "meta", "quarantine"}
+        assert led.db["meta"].get("schema_version")["value"] == "1"
+        assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    for name in ("agent.db", "agent.db-wal", "agent.db-shm"):
+        if (path.parent / name).exists():
+            assert stat.S_IMODE(os.stat(path.parent / name).st_mode) == 0o600
+
+
+def test_reopening_keeps_everything_and_migrates_nothing_twice(tmp_path):
+    path = tmp_path / "agent.db"
+    with Ledger(path) as led:
+        led.admit("s", [item("1")], [("f", False)], NOW, prime=False)
+    with Ledger(path) as led:
+        assert led.counts() == {"f": {"pending": 1}}
+        assert led.admit("s", [item("1")], [("f", False)], NOW, prime=False).new == 0
+
+
+def test_admit_marks_seen_and_schedules_one_execution_per_flow(ledger):
+    result = ledger.admit("s", [item("1"), item("2"), item("1")], [("a", False), ("b", False)], NOW, prime=False)
+    assert (result.new, result.duplicates) == (2, 1)
+    assert ledger.counts() == {"a": {"pending": 2}, "b": {"pending": 2}}
+    again = ledger.admit("s", [item("2"), item("3")], [("a", False), ("b", False)], NOW, prime=False)
+    assert (again.new, again.duplicates) == (1, 1)
+
+
+def test_keys_are_per_source(ledger):
+    ledger.admit("s1", [item("1")], [("f", False)], NOW, prime=False)
+    assert ledger.admit("s2", [item("1")], [("g", False)], NOW, prime=False).new == 1
+
+
+def test_priming_marks_seen_without_scheduling(ledger):
+    result = ledger.admit("s", [item("1"), item("2")], [("f", False)], NOW, prime=True)
+    assert (result.primed, result.new) == (2, 0)
+    assert ledger.counts() == {}
+    assert ledger.admit("s", [item("1")], [("f", False)], NOW, prime=False).new == 0
+
+
+def test_admission_is_all_or_nothing(ledger):
+    """A failure inside the transaction leaves neither seen keys nor executions behind."""
+    ledger.conn.execute("CREATE TRIGGER boom BEFORE INSERT ON executions BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    with pytest.raises(Exception):
+        ledger.admit("s", [item("1")], [("f", False)], NOW, prime=False)
+    ledger.conn.execute("DROP TRIGGER boom")
+    assert ledger.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 0
+    assert ledger.admit("s", [item("1")], [("f", False)], NOW, prime=False).new == 1
+
+
+def test_lone_surrogate_in_a_record_does_not_break_the_insert(ledger):
+    ledger.admit("s", [item("1", record={"name": "\ud800"})], [("f", False)], NOW, prime=False)
+    [ex] = ledger.claim(NOW, 10, 300)
+    assert ex.context["record"]["name"] == "\ud800"
+
+
+def test_cursor_moves_only_after_a_successful_poll(ledger):
+    poll = ledger.start_poll("s", NOW)
+    ledger.end_poll(poll, "s", NOW + 1, pages=2, fetched=5, new=5, primed=0, quarantined=0, error=None, cursor="2026-01-01T00:00:00Z")
+    assert ledger.cursor("s")["value"] == "2026-01-01T00:00:00Z"
+    assert ledger.primed("s")
+    poll = ledger.start_poll("s", NOW + 10)
+    ledger.end_poll(poll, "s", NOW + 11, pages=1, fetched=1, new=1, primed=0, quarantined=0, error="page 2: HTTP 500", cursor="2027-01-01T00:00:00Z")
+    row = ledger.cursor("s")
+    assert (row["value"], row["last_success"], row["last_error"]) == ("2026-01-01T00:00:00Z", NOW + 1, "page 2: HTTP 500")
+
+
+def test_a_source_is_not_primed_until_a_poll_succeeds(ledger):
+    poll = ledger.start_poll("s", NOW)
+    ledger.end_poll(poll, "s", NOW, pages=0, fetched=0, new=0, primed=0, quarantined=0, error="HTTP 401", cursor=None)
+    assert not ledger.primed("s")
+
+
+def test_claim_takes_due_work_in_order_and_holds_a_lease(ledger):
+    ledger.admit("s", [item("1"), item("2"), item("3")], [("f", False)], NOW, prime=False)
+    claimed = ledger.claim(NOW, 2, 300)
+    assert [e.key for e in claimed] == ["1", "2"]
+    assert all(e.attempts == 1 for e in claimed)
+    rows = {r["key"]: r for r in ledger.executions()}
+    assert rows["1"]["status"] == "running"
+    assert ledger.conn.execute("SELECT lease_until FROM executions WHERE key = '1'").fetchone()[0] == NOW + 300
+    assert [e.key for e in ledger.claim(NOW, 10, 300)] == ["3"]
+    assert ledger.claim(NOW, 10, 300) == []
+
+
+def test_versions_of_one_entity_run_in_the_order_seen(ledger):
+    ledger.admit("s", [item("v1", "E"), item("x", "X")], [("f", False)], NOW, prime=False)
+    ledger.admit("s", [item("v2", "E")], [("f", False)], NOW, prime=False)
+    first = ledger.claim(NOW, 10, 300)
+    assert sorted(e.key for e in first) == ["v1", "x"]
+    v1 = next(e for e in first if e.key == "v1")
+    ledger.finish(v1, Finish("retrying", 0, v1.context, next_at=NOW + 60, error="503"), NOW)
+    assert ledger.claim(NOW + 1, 10, 300) == []  # v2 waits behind the retrying v1
+    [again] = ledger.claim(NOW + 60, 10, 300)
+    ledger.finish(again, Finish("succeeded", 1, again.context), NOW + 60)
+    assert [e.key for e in ledger.claim(NOW + 60, 10, 300)] == ["v2"]
+
+
+def test_supersede_retires_an_older_version_that_has_not_started(ledger):
+    ledger.admit("s", [item("v1", "E")], [("f", True)], NOW, prime=False)
+    result = ledger.admit("s", [item("v2", "E")], [("f", True)], NOW, prime=False)
+    assert result.superseded == 1
+    assert {r["key"]: r["status"] for r in ledger.executions()} == {"v1": "superseded", "v2": "pending"}
+
+
+def test_finish_commits_output_step_and_attempt_together(ledger):
+    ledger.admit("s", [item("1")], [("f", False)], NOW, prime=False)
+    [ex] = ledger.claim(NOW, 1, 300)
+    attempt = {"step": 0, "started": NOW, "finished": NOW + 1, "outcome": "succeeded", "status_code": 201, "error": None}
+    ledger.finish(ex, Finish("pending", 1, {**ex.context, "steps": {"0": {"id": 7}}}, next_at=NOW, attempt=attempt), NOW + 1)
+    [row] = ledger.executions()
+    assert (row["status"], row["step"], row["attempts"]) == ("pending", 1, 0)
+    assert ledger.attempts_of(row["id"]) == [{"step": 0, "n": 1, "started": NOW, "finished": NOW + 1, "outcome": "succeeded", "status_code": 201, "error": None}]
+    [ex2] = ledger.claim(NOW + 1, 1, 300)
+    assert ex2.step == 1 and ex2.context["steps"]["0"] == {"id": 7}
+
+
+def test_paused_spends_no_attempt(ledger):
+    ledger.admit("s", [item("1")], [("f", False)], NOW, prime=False)
+    [ex] = ledger.claim(NOW, 1, 300)
+    ledger.finish(ex, Finish("paused", 0, ex.context, next_at=NOW + 60, error="401"), NOW)
+    assert ledger.executions()[0]["attempts"] == 0
+
+
+def test_recover_makes_orphans_due_at_once_and_records_the_interruption(ledger):
+    ledger.admit("s", [item("1"), item("2")], [("f", False)], NOW, prime=False)
+    ledger.claim(NOW, 1, 300)
+    assert ledger.recover(NOW + 5) == 1
+    rows = {r["key"]: r for r in ledger.executions()}
+    assert rows["1"]["status"] == "retrying" and rows["1"]["next_at"] == NOW + 5
+    assert ledger.attempts_of(rows["1"]["id"])[0]["outcome"] == "interrupted"
+    [again] = [e for e in ledger.claim(NOW + 5, 10, 300) if e.key == "1"]
+    assert again.attempts == 2
+
+
+def test_requeue_failed_and_dead(ledger):
+    ledger.admit("s", [item("1"), item("2"), item("3")], [("f", False)], NOW, prime=False)
+    a, b, c = ledger.claim(NOW, 3, 300)
+    ledger.finish_many([(a, Finish("dead", 0, a.context, error="gave up")), (b, Finish("failed", 0, b.context, error="400")),
+                        (c, Finish("succeeded", 1, c.context))], NOW)
+    assert ledger.requeue([b.id, c.id], NOW + 1) == [b.id]
+    assert ledger.requeue(None, NOW + 1, dead=True) == [a.id]
+    statuses = {r["key"]: r["status"] for r in ledger.executions()}
+    assert statuses == {"1": "retrying", "2": "retrying", "3": "succeeded"}
+
+
+def test_quarantine_reports_the_same_content_once(ledger):
+    assert ledger.quarantine("s", "abc", "no id", "page 1 record 3", "{}", NOW) is True
+    assert ledger.quarantine("s", "abc", "no id", "page 1 record 3", "{}", NOW + 60) is False
+    [row] = ledger.quarantined()
+    assert (row["count"], row["reason"]) == (2, "no id")
+
+
+def test_prune_keeps_waiting_failed_and_dead_work(ledger):
+    ledger.admit("s", [item("1"), item("2"), item("3")], [("f", False)], NOW, prime=False)
+    a, b, _ = ledger.claim(NOW, 3, 300)
+    ledger.finish_many([(a, Finish("succeeded", 1, a.context)), (b, Finish("dead", 0, b.context))], NOW)
+    removed = ledger.prune(NOW + 10, {"s": 5.0}, NOW + 10)
+    assert removed["executions"] == 1
+    assert sorted(r["key"] for r in ledger.executions()) == ["2", "3"]
+    assert removed["records"] == 1  # the seen key of the pruned execution, older than the window
+
+
+def test_second_holder_is_refused(tmp_path):
+    path = tmp_path / "agent.db"
+    with Ledger(path):
+        with pytest.raises(LedgerBusy, match="another agent is running"):
+            Ledger(path)
+        with Ledger(path, hold=False) as reader:  # operator commands still work beside the agent
+            assert reader.counts() == {}
+
+
+def test_damaged_file_is_refused_never_recreated(tmp_path):
+    path = tmp_path / "agent.db"
+    with Ledger(path) as led:
+        led.admit("s", [item(str(i)) for i in range(2000)], [("f", False)], NOW, prime=False)
+        led.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    data[0:16] = b"garbage garbage!"
+    path.write_bytes(bytes(data))
+    with pytest.raises(LedgerDamaged, match="damaged"):
+        Ledger(path)
+    assert path.read_bytes()[:16] == b"garbage garbage!"
+
+
+def test_damaged_interior_page_is_detected(tmp_path):
+    path = tmp_path / "agent.db"
+    with Ledger(path) as led:
+        led.admit("s", [item(str(i), record={"pad": "x" * 200}) for i in range(3000)], [("f", False)], NOW, prime=False)
+        led.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = led.conn.execute("PRAGMA page_size").fetchone()[0]
+    data = bytearray(path.read_bytes())
+    for offset in range(page_size * 5, page_size * 9):
+        data[offset] = 0xA5
+    path.write_bytes(bytes(data))
+    with pytest.raises(LedgerDamaged):
+        Ledger(path)
