@@ -127,7 +127,7 @@ def _once(agent, polls) -> int:
     summary = {
         "polled": len(polls), "failed_polls": len(failed_polls), "fetched": sum(p.fetched for p in polls),
         "new": sum(p.new for p in polls), "primed": sum(p.primed for p in polls), "quarantined": sum(p.quarantined for p in polls),
-        "sent": drained.sent, "failed": drained.failed + drained.dead, "waiting": waiting,
+        "filtered": drained.filtered, "sent": drained.sent, "failed": drained.failed + drained.dead, "waiting": waiting,
     }
     print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in summary.items()))
     for poll in failed_polls:

@@ -127,7 +127,9 @@ class FlowRunner:
         key = idempotency_key(ex.flow, index, ex.source, ex.key, ex.replay)
         started = self.clock()
         outcome = self._call(self.connectors[connector_name], action, data, key)
-        attempt = {"step": index, "started": started, "finished": self.clock(), "outcome": outcome.status,
+        first_try = index != ex.step  # the claim began at an earlier (pure) step: this is the step's first attempt
+        attempt = {"step": index, "n": 1 if first_try else ex.attempts, "first": started if first_try else (ex.first_attempt or started),
+                   "started": started, "finished": self.clock(), "outcome": outcome.status,
                    "status_code": outcome.status_code, "error": outcome.error}
         return self._settle(ex, index, step, context, outcome, attempt, log)
 
@@ -152,12 +154,12 @@ class FlowRunner:
             return Finish("paused", index, context, next_at=now + PAUSE_PROBE, error=error, attempt=attempt)
         policy = RetryPolicy.from_config(step.retry)
         if outcome.status == "retryable" and policy.covers(outcome.condition, outcome.status_code):
-            at = policy.next_time(ex.attempts, ex.first_attempt or now, now, outcome.retry_after, self.rand)
+            at = policy.next_time(attempt["n"], attempt["first"], now, outcome.retry_after, self.rand)
             if at is not None:
-                log.warning("record {} will be retried in {:.0f}s (attempt {}): {}", ex.key, at - now, ex.attempts, error)
+                log.warning("record {} will be retried in {:.0f}s (attempt {}): {}", ex.key, at - now, attempt["n"], error)
                 return Finish("retrying", index, context, next_at=at, error=error, attempt=attempt)
             status = "dead"
-            error = f"gave up after {ex.attempts} attempts: {error}"
+            error = f"gave up after {attempt['n']} attempts: {error}"
         else:
             status = "failed"
         if step.proceed_on_failure:

@@ -101,7 +101,7 @@ class SmtpConnector:
         with self._lock:
             try:
                 refused = self._send(mail)
-            except (smtplib.SMTPException, OSError) as exc:
+            except OSError as exc:  # SMTPException, ssl.SSLError and TimeoutError included
                 if not isinstance(exc, (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused)):
                     self._discard()  # a reply leaves the session usable (smtplib sent RSET); anything else may not
                 return self._outcome(exc)
@@ -114,7 +114,7 @@ class SmtpConnector:
             if self._smtp is not None and self._smtp.sock is not None:
                 try:
                     self._smtp.quit()
-                except (smtplib.SMTPException, OSError):
+                except OSError:
                     pass
             self._discard()
 
@@ -166,8 +166,8 @@ class SmtpConnector:
         return outcome
 
 
-def classify(exc: smtplib.SMTPException | OSError, server: str) -> Outcome:
-    """What the caller does next after an SMTP or socket exception."""
+def classify(exc: OSError, server: str) -> Outcome:
+    """What the caller does next after an SMTP or socket exception (SMTPException is an OSError)."""
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return _refused(exc.recipients)
     if isinstance(exc, smtplib.SMTPResponseException):
@@ -175,6 +175,8 @@ def classify(exc: smtplib.SMTPException | OSError, server: str) -> Outcome:
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         condition = "timeout" if isinstance(exc.__context__, TimeoutError) else "connection"
         return Outcome("retryable", error=f"{server}: {exc}", condition=condition)
+    if isinstance(exc, smtplib.SMTPException):  # no STARTTLS, no AUTH, no usable AUTH mechanism: a config problem
+        return Outcome("paused", error=f"{server}: {exc}; check security, username and password", condition="config")
     if isinstance(exc, ssl.SSLCertVerificationError):
         error = f"{server}: TLS certificate not trusted ({exc.verify_message}); trust a private CA with ca_file"
         return Outcome("paused", error=error, condition="tls")
@@ -182,10 +184,7 @@ def classify(exc: smtplib.SMTPException | OSError, server: str) -> Outcome:
         return Outcome("paused", error=f"{server}: TLS failed ({exc}); check port and security", condition="tls")
     if isinstance(exc, TimeoutError):
         return Outcome("retryable", error=f"{server}: timed out", condition="timeout")
-    if isinstance(exc, OSError):
-        return Outcome("retryable", error=f"{server}: {exc}", condition="connection")
-    # SMTPNotSupportedError (no STARTTLS, no AUTH) or no usable AUTH mechanism: a config problem
-    return Outcome("paused", error=f"{server}: {exc}; check security, username and password", condition="config")
+    return Outcome("retryable", error=f"{server}: {exc}", condition="connection")
 
 
 def _reply(code: int, text: bytes | str) -> Outcome:

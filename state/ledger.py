@@ -407,19 +407,23 @@ class Ledger:
                 self._finish_one(conn, execution, result, now)
 
     def _finish_one(self, conn: sqlite3.Connection, ex: Execution, result: Finish, now: float) -> None:
-        if result.attempt:
-            a = result.attempt
+        a = result.attempt
+        if a:
             conn.execute(
                 "INSERT INTO attempts (execution, step, n, started, finished, outcome, status_code, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (ex.id, a["step"], ex.attempts, a["started"], a["finished"], a["outcome"], a.get("status_code"), a.get("error")),
+                (ex.id, a["step"], a.get("n", ex.attempts), a["started"], a["finished"], a["outcome"], a.get("status_code"), a.get("error")),
             )
-        moved = result.step != ex.step
-        attempts_sql = "0" if moved else ("attempts - 1" if result.status == "paused" else "attempts")
-        first_sql = "NULL" if moved else "first_attempt"
+        # `attempts` and `first_attempt` describe the step the execution now stands at
+        if a and a["step"] == result.step:
+            attempts, first = a.get("n", ex.attempts) - (result.status == "paused"), a.get("first", ex.first_attempt)
+        elif result.step == ex.step:
+            attempts, first = ex.attempts - (result.status == "paused"), ex.first_attempt
+        else:
+            attempts, first = 0, None
         conn.execute(
-            f"UPDATE executions SET status = ?, step = ?, context = ?, next_at = ?, lease_until = NULL, last_error = ?,"
-            f" attempts = {attempts_sql}, first_attempt = {first_sql}, updated = ? WHERE id = ? AND status = 'running'",
-            (result.status, result.step, _json(result.context), result.next_at, result.error, now, ex.id),
+            "UPDATE executions SET status = ?, step = ?, context = ?, next_at = ?, lease_until = NULL, last_error = ?,"
+            " attempts = ?, first_attempt = ?, updated = ? WHERE id = ? AND status = 'running'",
+            (result.status, result.step, _json(result.context), result.next_at, result.error, attempts, first, now, ex.id),
         )
         for spawn in result.spawn:
             conn.execute(

@@ -5,7 +5,7 @@
         server.reply_next(1, "451 4.3.0 try later")          # the next DATA gets this reply
         server.reply_next(1, "550 5.1.1 no such user", at="RCPT")
         server.drop_next(1)                 # the next MAIL FROM: connection closed, no reply
-        server.stall_next(1, 0.3)           # the next DATA: answer after 0.3 s
+        server.stall_next(1, 0.3)           # the next DATA: accepted, answered after 0.3 s
         ...
         server.messages[0].message["Subject"], server.messages[0].rcpt_tos
         server.connections                  # connections accepted since start
@@ -72,20 +72,19 @@ class _Handler:
         self.server = server
 
     async def handle_MAIL(self, smtp, session, envelope, address, options):
-        envelope.mail_from, envelope.mail_options = address, list(options)
-        return await self.server._play("MAIL", smtp) or "250 OK"
+        # enforced here: aiosmtpd's auth_required warns whenever TLS is not required too
+        if self.server.auth and not session.authenticated:
+            return "530 5.7.0 Authentication required"
+
+        def accept():
+            envelope.mail_from, envelope.mail_options = address, list(options)
+        return await self.server._play("MAIL", smtp, accept)
 
     async def handle_RCPT(self, smtp, session, envelope, address, options):
-        reply = await self.server._play("RCPT", smtp)
-        if reply is None:
-            envelope.rcpt_tos.append(address)
-        return reply or "250 OK"
+        return await self.server._play("RCPT", smtp, lambda: envelope.rcpt_tos.append(address))
 
     async def handle_DATA(self, smtp, session, envelope):
-        reply = await self.server._play("DATA", smtp)
-        if reply is None:
-            self.server._record(envelope)
-        return reply or "250 Message accepted for delivery"
+        return await self.server._play("DATA", smtp, lambda: self.server._record(envelope))
 
 
 class _CountingController(Controller):
@@ -112,13 +111,13 @@ class SmtpServer:
         self._script: dict[str, deque] = {"MAIL": deque(), "RCPT": deque(), "DATA": deque()}
         self._lock = threading.Lock()
         tls = _server_context(*certificate) if certificate else None
-        options = dict(server_hostname="smtp.test", ready_timeout=5)
+        options: dict = dict(server_hostname="smtp.test", ready_timeout=5)
         if tls and implicit_tls:
             options["ssl_context"] = tls
         elif tls:
             options.update(tls_context=tls, require_starttls=True)
         if auth:
-            options.update(authenticator=self._authenticate, auth_required=True, auth_require_tls=bool(tls))
+            options.update(authenticator=self._authenticate, auth_require_tls=bool(tls))
         self._controller = _CountingController(self, _Handler(self), hostname=HOST, port=self.port, **options)
 
     def start(self) -> "SmtpServer":
@@ -153,20 +152,23 @@ class SmtpServer:
         with self._lock:
             self._script[stage].extend([step] * n)
 
-    async def _play(self, stage: str, smtp) -> str | None:
-        """Run the next scripted step of a stage: a reply to send, or None to go on as usual."""
+    async def _play(self, stage: str, smtp, accept) -> str:
+        """The reply to a command: the next scripted step of its stage, else accept it."""
         with self._lock:
             step, value = self._script[stage].popleft() if self._script[stage] else (None, None)
-        if step == "stall":
-            await asyncio.sleep(value)
-        elif step == "drop":
+        if step == "reply":
+            return value
+        if step == "drop":
             smtp.transport.abort()
             return "421 4.4.2 dropped"  # never reaches the client: the transport is gone
-        return value if step == "reply" else None
+        accept()
+        if step == "stall":
+            await asyncio.sleep(value)  # accepted, but the client hears of it late
+        return "250 OK"
 
     def _record(self, envelope) -> None:
         raw = envelope.original_content
-        message = email.message_from_bytes(raw, policy=email.policy.default)
+        message = email.message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=email.policy.default)
         with self._lock:
             self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), raw, message))
 
@@ -174,7 +176,7 @@ class SmtpServer:
         ok = isinstance(data, LoginPassword) and (data.login.decode(), data.password.decode()) == self.auth
         if ok:
             self.logins.append(data.login.decode())
-        return AuthResult(success=ok)
+        return AuthResult(success=ok, handled=False)
 
 
 def _server_context(cert: Path, key: Path) -> ssl.SSLContext:

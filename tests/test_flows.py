@@ -1,0 +1,244 @@
+"""FlowRunner with a real ledger: steps, outcomes, retries, pauses, queued calls, idempotency keys."""
+import textwrap
+
+import pytest
+
+from agent.config import load
+from agent.flows import FlowRunner, idempotency_key
+from sinks.base import Outcome
+from state.ledger import Admission, Ledger
+
+NOW = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self, t: float = NOW):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Scripted:
+    """A connector that answers from a script and records every call (the plugin boundary, not HTTP)."""
+
+    def __init__(self, *outcomes: Outcome):
+        self.outcomes = list(outcomes)
+        self.calls: list[tuple] = []
+
+    def run(self, action, data, key):
+        self.calls.append((str(action), data, key))
+        return self.outcomes.pop(0) if self.outcomes else Outcome.ok({"id": len(self.calls)})
+
+    def close(self):
+        pass
+
+
+def config(tmp_path, steps: str):
+    (tmp_path / "leads.json").write_text('{"records": []}')
+    path = tmp_path / "agent.toml"
+    path.write_text(textwrap.dedent("""
+        [sources.leads]
+        kind = "file"
+        path = "leads.json"
+        id = "id"
+        [connectors.out]
+        kind = "file"
+        path = "out.jsonl"
+        [connectors.out2]
+        kind = "file"
+        path = "out2.jsonl"
+        [[flows]]
+        name = "f"
+        source = "leads"
+    """) + textwrap.dedent(steps))
+    return load(path)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    with Ledger(tmp_path / "agent.db") as led:
+        yield led
+
+
+def admit(ledger, *records):
+    items = [Admission(str(r["id"]), str(r["id"]), "", "h", str(r["id"]), {"record": r}) for r in records]
+    ledger.admit("leads", items, [("f", False)], NOW, prime=False)
+
+
+def drive(ledger, runner, clock, rounds: int = 10):
+    """Claim and run due work like the agent's drain does, without threads."""
+    for _ in range(rounds):
+        claimed = ledger.claim(clock(), 10, 300)
+        if not claimed:
+            return
+        ledger.finish_many([(ex, runner.run(ex)) for ex in claimed], clock())
+
+
+ACTION = """
+    [[flows.steps]]
+    kind = "map"
+    fields = { name = "{{ record.name }}", n = "{{ record.n }}" }
+    [[flows.steps]]
+    kind = "action"
+    action = "out > record > write"
+    body = "mapped"
+    retry = { attempts = 3, interval = "10s", max_interval = "1m", jitter = false }
+"""
+
+
+def test_map_then_action_sends_native_types_with_a_stable_key(tmp_path, ledger):
+    clock, sink = Clock(), Scripted()
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "Zoë", "n": 7})
+    drive(ledger, runner, clock)
+    [(action, data, key)] = sink.calls
+    assert action == "record > write" and data == {"body": {"name": "Zoë", "n": 7}}
+    assert key == idempotency_key("f", 1, "leads", "1")
+    assert ledger.counts() == {"f": {"succeeded": 1}}
+
+
+def test_filter_false_ends_as_filtered_and_sends_nothing(tmp_path, ledger):
+    clock, sink = Clock(), Scripted()
+    steps = '[[flows.steps]]\nkind = "filter"\nwhen = "record.status != \'Spam\'"\n' + ACTION
+    runner = FlowRunner(config(tmp_path, steps), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1, "status": "Spam"}, {"id": 2, "name": "b", "n": 2, "status": "New"})
+    drive(ledger, runner, clock)
+    assert [c[1]["body"]["name"] for c in sink.calls] == ["b"]
+    assert ledger.counts() == {"f": {"filtered": 1, "succeeded": 1}}
+
+
+def test_retryable_then_success_keeps_the_key_and_counts_attempts(tmp_path, ledger):
+    clock = Clock()
+    sink = Scripted(Outcome("retryable", error="HTTP 503", status_code=503, condition="5xx"))
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    drive(ledger, runner, clock)
+    [row] = ledger.executions()
+    assert row["status"] == "retrying" and row["next_at"] == NOW + 10 and "503" in row["last_error"]
+    clock.t += 10
+    drive(ledger, runner, clock)
+    assert ledger.counts() == {"f": {"succeeded": 1}}
+    assert sink.calls[0][2] == sink.calls[1][2]
+    assert [a["outcome"] for a in ledger.attempts_of(row["id"])] == ["retryable", "succeeded"]
+
+
+def test_retries_give_up_as_dead_after_the_attempts(tmp_path, ledger):
+    clock = Clock()
+    sink = Scripted(*[Outcome("retryable", error="timed out", condition="timeout")] * 3)
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    for _ in range(4):
+        drive(ledger, runner, clock)
+        clock.t += 60
+    [row] = ledger.executions()
+    assert row["status"] == "dead" and "gave up after 3 attempts" in row["last_error"]
+    assert len(sink.calls) == 3
+
+
+def test_retry_after_is_honoured(tmp_path, ledger):
+    clock = Clock()
+    sink = Scripted(Outcome("retryable", error="429", status_code=429, condition="429", retry_after=42))
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    drive(ledger, runner, clock)
+    assert ledger.executions()[0]["next_at"] == NOW + 42
+
+
+@pytest.mark.parametrize("outcome", [Outcome("failed", error="HTTP 422", status_code=422, condition="422"),
+                                     Outcome("retryable", error="HTTP 503", status_code=503, condition="5xx")])
+def test_permanent_or_uncovered_failures_are_not_retried(tmp_path, ledger, outcome):
+    clock, sink = Clock(), Scripted(outcome)
+    steps = ACTION.replace('retry = { attempts = 3, interval = "10s", max_interval = "1m", jitter = false }', 'retry = { on = ["timeout"] }')
+    runner = FlowRunner(config(tmp_path, steps), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    drive(ledger, runner, clock)
+    assert ledger.executions()[0]["status"] == "failed"
+    assert len(sink.calls) == 1
+
+
+def test_paused_spends_no_attempt_and_sends_again_later(tmp_path, ledger):
+    clock = Clock()
+    sink = Scripted(Outcome("paused", error="HTTP 401", status_code=401), Outcome("paused", error="HTTP 401", status_code=401))
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    drive(ledger, runner, clock)
+    clock.t += 60
+    drive(ledger, runner, clock)
+    [row] = ledger.executions()
+    assert row["status"] == "paused" and row["attempts"] == 0
+    clock.t += 60
+    drive(ledger, runner, clock)
+    assert ledger.counts() == {"f": {"succeeded": 1}}
+
+
+def test_missing_field_fails_the_record_with_a_clear_message(tmp_path, ledger):
+    clock, sink = Clock(), Scripted()
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "n": 1})
+    drive(ledger, runner, clock)
+    [row] = ledger.executions()
+    assert row["status"] == "failed" and "name" in row["last_error"] and "step 0" in row["last_error"]
+    assert sink.calls == []
+
+
+def test_two_actions_each_get_their_own_intent_and_key(tmp_path, ledger):
+    clock = Clock()
+    first, second = Scripted(), Scripted(Outcome("retryable", error="503", status_code=503, condition="5xx"))
+    steps = ACTION + '\n[[flows.steps]]\nkind = "action"\naction = "out2 > record > write"\nbody = "{{ steps[1] }}"\n'
+    runner = FlowRunner(config(tmp_path, steps), {"out": first, "out2": second}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    drive(ledger, runner, clock)
+    [row] = ledger.executions()
+    assert (row["status"], row["step"]) == ("retrying", 2)
+    assert len(first.calls) == 1  # the finished first action is never sent again
+    assert second.calls[0][1] == {"body": {"id": 1}} and second.calls[0][2] != first.calls[0][2]
+    clock.t += 3600
+    drive(ledger, runner, clock)
+    assert len(first.calls) == 1 and len(second.calls) == 2
+    assert ledger.counts() == {"f": {"succeeded": 1}}
+
+
+def test_wait_for_response_false_queues_the_call_and_goes_on(tmp_path, ledger):
+    clock = Clock()
+    slow = Scripted(Outcome("retryable", error="503", status_code=503, condition="5xx"))
+    steps = ACTION.replace('body = "mapped"', 'body = "mapped"\nwait_for_response = false')
+    runner = FlowRunner(config(tmp_path, steps), {"out": slow}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    drive(ledger, runner, clock)
+    statuses = sorted(r["status"] for r in ledger.executions())
+    assert statuses == ["retrying", "succeeded"]  # the flow went on; the queued call waits for its retry
+    clock.t += 60
+    drive(ledger, runner, clock)
+    assert sorted(r["status"] for r in ledger.executions()) == ["succeeded", "succeeded"]
+    assert len({c[2] for c in slow.calls}) == 1 and len(slow.calls) == 2
+
+
+def test_proceed_on_failure_records_the_failure_and_goes_on(tmp_path, ledger):
+    clock = Clock()
+    sink = Scripted(Outcome("failed", error="HTTP 400", status_code=400, condition="400"))
+    steps = ACTION.replace('body = "mapped"', 'body = "mapped"\nproceed_on_failure = true')
+    runner = FlowRunner(config(tmp_path, steps), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    drive(ledger, runner, clock)
+    [row] = ledger.executions()
+    assert row["status"] == "succeeded"
+    assert ledger.attempts_of(row["id"])[0]["outcome"] == "failed"
+
+
+def test_a_connector_that_raises_does_not_kill_the_agent(tmp_path, ledger):
+    class Broken(Scripted):
+        def run(self, action, data, key):
+            raise RuntimeError("bug")
+
+    clock = Clock()
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": Broken()}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    drive(ledger, runner, clock)
+    assert ledger.executions()[0]["status"] == "retrying"
+
+
+def test_replay_gets_a_new_key():
+    assert idempotency_key("f", 0, "s", "k") == idempotency_key("f", 0, "s", "k")
+    assert idempotency_key("f", 0, "s", "k", replay=1) != idempotency_key("f", 0, "s", "k")
+    assert idempotency_key("f", 1, "s", "k") != idempotency_key("f", 0, "s", "k")
