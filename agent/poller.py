@@ -100,6 +100,20 @@ def cursor_value(highest: Any, overlap: float) -> str | None:
     return moved.strftime("%Y-%m-%dT%H:%M:%S") + (f".{moved.microsecond:06d}" if moved.microsecond else "") + "Z"
 
 
+MAX_PASSES = 3  # reads of one view in one poll when its order shifts under the paging
+
+
+@dataclass
+class _PollState:
+    cursor: str | None
+    prime: bool
+    flows: list
+    highest: Any = None
+    previous: set = field(default_factory=set)
+    shifted: bool = False
+    truncated: bool = False
+
+
 class Poller:
     """Polls the configured sources into the ledger."""
 
@@ -122,24 +136,33 @@ class Poller:
         self._warn_gap(name, cfg, row, log)
         started = self.clock()
         poll_id = self.ledger.start_poll(name, started)
-        highest = None
+        state = _PollState(cursor=cursor, prime=prime, flows=flows)
         try:
             params = {k: str(v) for k, v in self.templates.render(getattr(cfg, "params", {}) or {}, {"cursor": cursor or "", "source": name, "now": started}).items()}
-            for page in self.sources[name].pages(params):
-                highest = self._page(name, cfg, page, cursor, flows, prime, result, highest, log)
+            for number in range(1, MAX_PASSES + 1):
+                state.previous, state.shifted = set(), False
+                for page in self.sources[name].pages(params):
+                    self._page(name, cfg, page, state, result, log)
+                if not state.shifted or number == MAX_PASSES:
+                    break
+                log.info("{}: the view's order shifted while paging (a record showed on two pages); reading it again (pass {})", name, number + 1)
         except SourceError as error:
             result.error = str(error)
         except RenderError as error:
             result.error = f"params: {error}"
-        result.cursor = cursor_value(highest, cfg.overlap) if highest is not None else None
+        if state.truncated:
+            log.warning("{}: the poll stopped at paging.max_pages; the cursor stays so the older pages are not skipped", name)
+        elif state.shifted:
+            log.warning("{}: the view's order kept shifting over {} reads; the cursor stays so the next poll reads the same range", name, MAX_PASSES)
+        elif state.highest is not None:
+            result.cursor = cursor_value(state.highest, cfg.overlap)
         self.ledger.end_poll(poll_id, name, self.clock(), pages=result.pages, fetched=result.fetched, new=result.new,
                              primed=result.primed, quarantined=result.quarantined, error=result.error, cursor=result.cursor)
         self._log(result, log)
         return result
 
-    def _page(self, name: str, cfg: SourceConfig, page: Page, cursor: str | None, flows: list, prime: bool,
-              result: PollResult, highest: Any, log) -> Any:
-        """Identify, quarantine and admit one page; return the highest `updated` so far."""
+    def _page(self, name: str, cfg: SourceConfig, page: Page, state: "_PollState", result: PollResult, log) -> None:
+        """Identify, quarantine and admit one page; note the highest `updated` and any shift."""
         good: list[Admission] = []
         for position, record in enumerate(page.records):
             try:
@@ -147,11 +170,15 @@ class Poller:
             except BadRecord as error:
                 self._quarantine(name, page, position, record, str(error), result, log)
                 continue
-            item.context["cursor"] = cursor
+            item.context["cursor"] = state.cursor
             good.append(item)
-            if cfg.updated and isinstance(record, dict) and record.get(cfg.updated) is not None:
-                highest = _later(highest, record[cfg.updated])
-        admitted = self.ledger.admit(name, good, flows, self.clock(), prime=prime)
+            if cfg.updated and record.get(cfg.updated) is not None:
+                state.highest = _later(state.highest, record[cfg.updated])
+        keys = {item.key for item in good}
+        state.shifted |= bool(keys & state.previous)  # only the previous page is kept: memory stays bounded by a page
+        state.previous = keys
+        state.truncated |= bool(page.meta.get("truncated"))
+        admitted = self.ledger.admit(name, good, state.flows, self.clock(), prime=state.prime)
         result.pages += 1
         result.fetched += len(page.records)
         result.new += admitted.new
@@ -159,7 +186,6 @@ class Poller:
         result.duplicates += admitted.duplicates
         result.superseded += admitted.superseded
         log.debug("{} page {}: {} records, {} new", name, page.number, len(page.records), admitted.new + admitted.primed)
-        return highest
 
     def _quarantine(self, name: str, page: Page, position: int, record: Any, reason: str, result: PollResult, log) -> None:
         excerpt = json.dumps(record, ensure_ascii=True, default=str)[:300]

@@ -59,7 +59,8 @@ Addresses = str | list[str]
 class MessageInput(BaseModel):
     """Input of ``message > send``; address fields take a list or a comma-separated string."""
 
-    model_config = ConfigDict(extra="forbid")
+    # a template that is one {{ expression }} keeps its type: subject = "{{ record.Number }}" may be an int
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
     to: Addresses
     cc: Addresses = []

@@ -31,10 +31,11 @@ import smtplib
 import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 from loguru import logger
-from pydantic import BaseModel, Field, FilePath, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from sinks.base import Action, ActionError, ConnectorConfig, Outcome, Seconds, SinkError
 from sinks.message import SEND, InvalidMessage, Mail, MessageInput, Sender, compose
@@ -48,25 +49,27 @@ class SmtpConfig(ConnectorConfig):
 
     kind: Literal["smtp"]
     host: str
-    port: int = Field(587, ge=1, le=65535)
+    port: int = Field(587, ge=1, le=65535)  # 465 when security = "ssl" and no port is given
     security: Literal["starttls", "ssl", "none"] = "starttls"
     username: str | None = None
     password: SecretStr | None = None
     sender: Sender
     timeout: Seconds = 30.0
-    ca_file: FilePath | None = None  # a private CA, trusted instead of the system's CAs
+    ca_file: Path | None = None  # a private CA, trusted instead of the system's; relative to the config file
 
     @model_validator(mode="after")
-    def _credentials_in_pairs(self) -> "SmtpConfig":
+    def _check(self) -> "SmtpConfig":
         if (self.username is None) != (self.password is None):
             raise ValueError("give both username and password, or neither")
+        if self.security == "ssl" and "port" not in self.model_fields_set:
+            self.port = 465
         return self
 
     def actions(self) -> dict[Action, type[BaseModel]]:
         return {SEND: MessageInput}
 
 
-SmtpFactory = Callable[[SmtpConfig, "ssl.SSLContext | None"], smtplib.SMTP]
+SmtpFactory = Callable[[SmtpConfig, ssl.SSLContext | None], smtplib.SMTP]
 
 
 def connect(config: SmtpConfig, context: ssl.SSLContext | None) -> smtplib.SMTP:
@@ -81,11 +84,12 @@ class SmtpConnector:
 
     Config = SmtpConfig
 
-    def __init__(self, config: SmtpConfig, *, session: Any = None, clock: Callable[[], float] = time.time, smtp_factory: SmtpFactory | None = None):
+    def __init__(self, config: SmtpConfig, *, session: Any = None, clock: Callable[[], float] = time.time,
+                 smtp_factory: SmtpFactory | None = None, base_dir: Path | None = None):
         self.config = config
         self._clock = clock
         self._factory = smtp_factory or connect
-        self._context = _tls_context(config)
+        self._context = _tls_context(config, base_dir)
         self._lock = threading.Lock()
         self._smtp: smtplib.SMTP | None = None
         self._server = f"{config.host}:{config.port}"
@@ -214,11 +218,12 @@ def _reply_text(code: int, text: bytes | str) -> str:
     return f"{code} {text}"
 
 
-def _tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
-    """A verifying TLS context (trusting ca_file when given), or None without TLS."""
+def _tls_context(config: SmtpConfig, base_dir: Path | None) -> ssl.SSLContext | None:
+    """A verifying TLS context (trusting only ca_file when given), or None without TLS."""
     if config.security == "none":
         return None
+    ca_file = (base_dir or Path.cwd()) / config.ca_file if config.ca_file else None
     try:
-        return ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+        return ssl.create_default_context(cafile=ca_file)
     except (ssl.SSLError, OSError) as exc:
-        raise SinkError(f"smtp ca_file {config.ca_file}: not a usable CA certificate ({exc})") from None
+        raise SinkError(f"ca_file {ca_file}: not a readable CA certificate ({exc}); give a PEM file") from None

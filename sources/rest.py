@@ -209,10 +209,12 @@ class RestSource:
             fetched, total = fetched + len(records), self._total(response, total)
             done = not records or (total is not None and fetched >= total)
             request = None if done else paging.follow(request[0], params, response)
+            meta = {"total": total} if total is not None else {}
             if request and number == paging.max_pages:
                 logger.warning("{}: stopped at paging.max_pages = {}; the view has more", self._where(number, response.url), number)
+                meta["truncated"] = True  # the agent keeps the cursor: the unread (older) pages must be read later
             response.body = None  # one page in memory: the records are handed over, drop the rest
-            yield Page(number, records, self._where(number, response.url), {"total": total} if total is not None else {})
+            yield Page(number, records, self._where(number, response.url), meta)
             if request is None:
                 return
             self._check_origin(request[0], number)

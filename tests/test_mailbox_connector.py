@@ -100,6 +100,13 @@ def test_an_unusable_folder_is_an_outcome_not_an_exception(tmp_path):
     assert outcome.status == "retryable" and str(tmp_path / "file") in outcome.error
 
 
+def test_a_number_renders_as_text(tmp_path):
+    outcome = connector_in(tmp_path).run(SEND, {**MESSAGE, "subject": 4711, "text": 3.5}, KEY)
+
+    assert outcome.status == "succeeded"
+    assert messages(tmp_path / "var/mail")[0]["Subject"] == "4711"
+
+
 def test_config_rejects_unknown_keys_and_defaults_the_sender():
     assert MailboxConnector.Config(kind="mailbox", path="var/mail").sender == "sync-agent@localhost"
     with pytest.raises(pydantic.ValidationError):

@@ -1,15 +1,13 @@
 """The smtp connector against a live SMTP server on 127.0.0.1 (tests/smtpserver.py)."""
-import email.policy
 import email.utils
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pydantic
 import pytest
 
-from sinks.base import Action, ActionError
+from sinks.base import Action, ActionError, SinkError
 from sinks.message import SEND
 from sinks.smtp import SmtpConnector
 from smtpserver import SmtpServer, free_port, make_certificate
@@ -106,6 +104,13 @@ def test_starttls_with_a_private_ca_and_auth(certificate, connect):
 
         assert send(connector).status == "succeeded"
         assert server.logins == ["agent"] and len(server.messages) == 1
+
+
+def test_a_relative_ca_file_is_taken_from_the_config_folder(certificate, tmp_path):
+    config = SmtpConnector.Config(kind="smtp", host="127.0.0.1", sender=SENDER, ca_file=certificate[0].name)
+    SmtpConnector(config, base_dir=certificate[0].parent).close()
+    with pytest.raises(SinkError, match="ca_file"):
+        SmtpConnector(config, base_dir=tmp_path)
 
 
 def test_implicit_tls_with_a_private_ca(certificate, connect):
@@ -343,9 +348,10 @@ def test_close_says_quit_and_a_later_send_reconnects(server, connect):
 def test_config_defaults_and_errors():
     config = SmtpConnector.Config(kind="smtp", host="smtp.example.invalid", sender=SENDER, timeout="1m")
     assert (config.port, config.security, config.timeout) == (587, "starttls", 60.0)
+    assert SmtpConnector.Config(kind="smtp", host="h", sender=SENDER, security="ssl").port == 465
     schema = config.actions()[SEND].model_json_schema()
     assert schema["properties"]["html"]["autoescape"] is True
     assert set(schema["required"]) == {"to", "subject"}
-    for bad in ({"hots": "x"}, {"username": "agent"}, {"sender": "not an address"}, {"security": "tls"}, {"ca_file": "/nonexistent/ca.pem"}):
+    for bad in ({"hots": "x"}, {"username": "agent"}, {"sender": "not an address"}, {"security": "tls"}, {"port": 0}):
         with pytest.raises(pydantic.ValidationError):
             SmtpConnector.Config(**{"kind": "smtp", "host": "smtp.example.invalid", "sender": SENDER, **bad})

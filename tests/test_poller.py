@@ -1,0 +1,186 @@
+"""Polling into the ledger: identification, quarantine, the cursor rule, failures half-way, ties at page edges."""
+import random
+import textwrap
+
+import pytest
+
+from agent.config import load
+from agent.http import build_session
+from agent.poller import BadRecord, Poller, cursor_value, identify
+from sources.rest import RestSource
+from state.ledger import Ledger
+from viewserver import ViewServer, make_leads, update
+
+NOW = 1_800_000_000.0
+
+
+def source_config(tmp_path, url: str, extra: str = "", size: int = 10):
+    (tmp_path / "agent.toml").write_text(textwrap.dedent(f"""
+        [sources.leads]
+        kind = "rest"
+        url = "{url}"
+        id = "lastSubmissionID"
+        updated = "lastModified"
+        entity = "RecordId"
+        first_run = "deliver"
+        paging = {{ kind = "page", size = {size} }}
+        {extra}
+        [connectors.out]
+        kind = "file"
+        path = "out.jsonl"
+        [[flows]]
+        name = "f"
+        source = "leads"
+        [[flows.steps]]
+        kind = "action"
+        action = "out > record > write"
+    """))
+    return load(tmp_path / "agent.toml")
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    with Ledger(tmp_path / "agent.db") as led:
+        yield led
+
+
+def poller(cfg, ledger):
+    sources = {name: RestSource(c, session=build_session()) for name, c in cfg.sources.items()}
+    return Poller(cfg, ledger, sources, clock=lambda: NOW)
+
+
+def keys(ledger) -> set[str]:
+    return {r[0] for r in ledger.conn.execute("SELECT key FROM records")}
+
+
+@pytest.mark.parametrize("value, problem", [
+    (None, "not a usable id"), ("", "empty"), (True, "not a usable id"), (1.5, "not a usable id"),
+    ([1], "not a usable id"), ({"a": 1}, "not a usable id"),
+])
+def test_unusable_ids_are_bad_records(tmp_path, value, problem):
+    cfg = source_config(tmp_path, "http://127.0.0.1:9/x").sources["leads"]
+    with pytest.raises(BadRecord, match=problem):
+        identify({"lastSubmissionID": value}, cfg)
+
+
+def test_integer_and_string_ids_are_the_same_key(tmp_path):
+    cfg = source_config(tmp_path, "http://127.0.0.1:9/x").sources["leads"]
+    assert identify({"lastSubmissionID": 1}, cfg).key == identify({"lastSubmissionID": "1"}, cfg).key == "1"
+
+
+def test_lone_surrogate_and_oversized_records_are_bad(tmp_path):
+    cfg = source_config(tmp_path, "http://127.0.0.1:9/x", "max_record_bytes = 100").sources["leads"]
+    with pytest.raises(BadRecord, match="lone surrogate"):
+        identify({"lastSubmissionID": "1", "Name": "\ud800"}, cfg)
+    with pytest.raises(BadRecord, match="max_record_bytes"):
+        identify({"lastSubmissionID": "1", "Notes": "x" * 200}, cfg)
+
+
+@pytest.mark.parametrize("dedupe, same", [("id", True), ("id+updated", False), ("content", False)])
+def test_dedupe_modes(tmp_path, dedupe, same):
+    cfg = source_config(tmp_path, "http://127.0.0.1:9/x", f'dedupe = "{dedupe}"').sources["leads"]
+    a = {"lastSubmissionID": "1", "lastModified": "2026-01-01T00:00:00Z", "x": 1}
+    b = {"lastSubmissionID": "1", "lastModified": "2026-01-02T00:00:00Z", "x": 2}
+    assert (identify(a, cfg).key == identify(b, cfg).key) is same
+
+
+def test_cursor_is_the_highest_time_minus_the_overlap():
+    assert cursor_value("2026-11-20T10:00:00Z", 60) == "2026-11-20T09:59:00Z"
+    assert cursor_value("2026-11-20T10:00:00+01:00", 0) == "2026-11-20T09:00:00Z"
+    assert cursor_value(1_700_000_000, 60) == "1699999940"
+    assert cursor_value(1_700_000_000_000, 60) == "1699999940000"
+
+
+def test_poll_admits_every_page_and_moves_the_cursor(tmp_path, ledger):
+    with ViewServer(make_leads(25, start="2026-11-20T10:00:00Z"), page_size=10) as view:
+        cfg = source_config(tmp_path, view.url)
+        result = poller(cfg, ledger).poll("leads")
+    assert (result.pages, result.fetched, result.new, result.error) == (3, 25, 25, None)
+    newest = max(r["lastModified"] for r in view.records)
+    assert ledger.cursor("leads")["value"] == cursor_value(newest, 60)
+
+
+def test_a_poll_failing_half_way_keeps_what_it_admitted_and_leaves_the_cursor(tmp_path, ledger):
+    with ViewServer(make_leads(25), page_size=10) as view:
+        cfg = source_config(tmp_path, view.url)
+        first = poller(cfg, ledger).poll("leads")
+        before = ledger.cursor("leads")["value"]
+        view.records.extend(make_leads(15, start="2026-11-02T00:00:00Z"))  # newer: served first
+        served = []
+
+        def fail_second_page(handler):
+            served.append(handler.path)
+            if len(served) == 2:
+                handler.reply(503, b'{"error": "busy"}')
+            else:
+                handler.serve()
+
+        view.fail_with(fail_second_page)
+        second = poller(cfg, ledger).poll("leads")
+        assert second.error and "503" in second.error and second.new == 10
+        assert ledger.cursor("leads")["value"] == before
+        view.fail_with(None)
+        third = poller(cfg, ledger).poll("leads")
+    assert first.new == 25 and third.error is None and third.new == 5
+    assert len(keys(ledger)) == 40
+
+
+def test_equal_timestamps_reordered_between_pages_lose_nothing(tmp_path, ledger):
+    """Three pages of records sharing one lastModified, shuffled before every page request."""
+    leads = make_leads(30, start="2026-11-20T10:00:00Z", step=0)
+    rng = random.Random(4)
+    with ViewServer(leads, page_size=10) as view:
+        cfg = source_config(tmp_path, view.url, 'params = { since = "{{ cursor }}" }')
+
+        def shuffle(handler):
+            view.records = rng.sample(view.records, len(view.records))
+            handler.serve()
+
+        view.fail_with(shuffle)
+        p = poller(cfg, ledger)
+        first = p.poll("leads")
+        assert first.pages > 3  # the shift was seen and the view read again in the same poll
+        assert ledger.cursor("leads")["value"] is None  # unstable: the cursor did not move past the tie
+        while len(keys(ledger)) < 30 and len(view.hits) < 100:
+            p.poll("leads")
+    assert keys(ledger) == {r["lastSubmissionID"] for r in leads}
+
+
+def test_a_record_updated_while_paging_is_delivered_in_its_new_version(tmp_path, ledger):
+    leads = make_leads(30, start="2026-11-20T10:00:00Z")
+    with ViewServer(leads, page_size=10) as view:
+        cfg = source_config(tmp_path, view.url, 'params = { since = "{{ cursor }}" }')
+        p = poller(cfg, ledger)
+        moved = {}
+
+        def update_oldest(handler):
+            if not moved:
+                oldest = min(range(len(view.records)), key=lambda i: view.records[i]["lastModified"])
+                view.records[oldest] = moved["new"] = update(view.records[oldest])
+            handler.serve()
+
+        view.fail_with(update_oldest, times=1)
+        p.poll("leads")
+        p.poll("leads")
+    assert moved["new"]["lastSubmissionID"] in keys(ledger)
+
+
+def test_late_write_within_the_overlap_is_caught(tmp_path, ledger):
+    with ViewServer(make_leads(5, start="2026-11-20T10:00:00Z"), page_size=10) as view:
+        cfg = source_config(tmp_path, view.url, 'params = { since = "{{ cursor }}" }')
+        p = poller(cfg, ledger)
+        p.poll("leads")
+        newest = max(r["lastModified"] for r in view.records)
+        late = make_leads(1, start=newest)[0]
+        late["lastModified"] = cursor_value(newest, 30)  # written "30 s ago" but visible only now
+        view.records.append(late)
+        p.poll("leads")
+    assert late["lastSubmissionID"] in keys(ledger)
+
+
+def test_window_gap_warns(tmp_path, ledger, caplog):
+    with ViewServer(make_leads(2), page_size=10) as view:
+        cfg = source_config(tmp_path, view.url, 'window = "1h"')
+        Poller(cfg, ledger, {"leads": RestSource(cfg.sources["leads"], session=build_session())}, clock=lambda: NOW).poll("leads")
+        Poller(cfg, ledger, {"leads": RestSource(cfg.sources["leads"], session=build_session())}, clock=lambda: NOW + 7200).poll("leads")
+    assert "may have been missed" in caplog.text
