@@ -145,10 +145,11 @@ class SmtpServer:
         self._add(at, n, ("drop", None))
 
     def stall_next(self, n: int, seconds: float, *, at: str = "DATA") -> None:
-        """Wait `seconds` before handling the next n commands of stage `at` as usual."""
+        """Accept the next n commands of stage `at` as usual, but answer `seconds` late."""
         self._add(at, n, ("stall", seconds))
 
     def _add(self, stage: str, n: int, step: tuple) -> None:
+        """Script a step for the next n commands of a stage."""
         with self._lock:
             self._script[stage].extend([step] * n)
 

@@ -1,0 +1,64 @@
+"""`agent run` as a long-running process: schedule, SIGTERM, one agent per ledger."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from sinkserver import SinkServer
+from test_cli_integration import PASSWORD, agent, write_config
+from viewserver import ViewServer, make_leads
+
+
+def start(cfg):
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "--config", str(cfg), "run"], cwd=cfg.parent, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "VIEW_PASSWORD": PASSWORD, "CRM_TOKEN": "t"},
+    )
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_run_polls_on_schedule_delivers_and_stops_cleanly_on_sigterm(tmp_path):
+    with SinkServer() as sink, ViewServer(make_leads(20), page_size=10, username="integration", password=PASSWORD) as view:
+        cfg = write_config(tmp_path, view, sink, size=10)
+        cfg.write_text(cfg.read_text().replace('first_run = "deliver"', 'first_run = "deliver"\nevery = "1s"'))
+        proc = start(cfg)
+        try:
+            assert wait_for(lambda: len(sink.requests_to("POST")) == 20)
+            view.records.append(make_leads(1, start="2026-12-01T00:00:00Z")[0])  # picked up by a scheduled poll
+            assert wait_for(lambda: len(sink.requests_to("POST")) == 21)
+
+            second = agent(cfg, "run", "--once")  # a second agent on the same ledger is refused
+            assert second.returncode == 3 and "another agent is running" in second.stderr
+            status = agent(cfg, "status", "--json")  # read-only commands still work beside it
+            assert json.loads(status.stdout)["flows"]["leads-to-crm"]["succeeded"] == 21
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err and PASSWORD not in err
+        assert "stopping on SIGTERM" in err
+    assert len(sink.requests_to("POST")) == 21
+
+
+def test_sigterm_during_a_slow_delivery_finishes_the_step(tmp_path):
+    with SinkServer() as sink, ViewServer(make_leads(3), page_size=10, username="integration", password=PASSWORD) as view:
+        sink.delay = 0.5
+        cfg = write_config(tmp_path, view, sink)
+        proc = start(cfg)
+        assert wait_for(lambda: len(sink.requests) >= 1)  # the first GET of an upsert is in flight
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        rows = json.loads(agent(cfg, "executions", "--json").stdout)
+        assert "running" not in {r["status"] for r in rows}  # nothing left half-done
+        assert any(r["status"] == "succeeded" for r in rows)
