@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(config.agent.log_level, config.agent.log_format, config.secrets)
     try:
         return COMMANDS[args.command](config, args)
+    except ConfigError as error:
+        print(str(error), file=sys.stderr)
+        return USAGE
     except Usage as error:
         print(f"agent {args.command}: {error}", file=sys.stderr)
         return USAGE

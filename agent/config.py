@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -196,8 +196,8 @@ def substitute(value: Any, where: str, problems: list[tuple[str, str]]) -> Any:
 
     def one(match: re.Match) -> str:
         name, default = match[1], match[2]
-        if name in os.environ:
-            return os.environ[name]
+        if os.environ.get(name) or (name in os.environ and default is None):
+            return os.environ[name]  # like the shell: an empty variable takes the default
         if default is not None:
             return default
         problems.append((where, f"environment variable {name} is not set (set it, or write ${{{name}:-default}})"))
@@ -206,20 +206,25 @@ def substitute(value: Any, where: str, problems: list[tuple[str, str]]) -> Any:
     return _ENV.sub(one, value)
 
 
+_TAGS = {"filter", "map", "action", "basic", "bearer", "header", "none", "page", "offset", "cursor", "link", "next_url"}
+_SECRET_KEYS = {"auth", "password", "token", "value"}
+
+
 def key_path(loc: tuple, prefix: str = "") -> str:
     """('flows', 0, 'steps', 2, 'action') -> 'flows[0].steps[2].action'."""
-    out = prefix
+    out, previous = prefix, None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("filter", "map", "action", "basic", "bearer", "header", "none", "page", "offset", "cursor", "link", "next_url") and out.endswith("]"):
-            continue  # pydantic's discriminator tag adds nothing to the path a user reads
+        elif part in _TAGS and (isinstance(previous, int) or previous in ("auth", "paging")):
+            pass  # pydantic's discriminator tag adds nothing to the path a user reads
         else:
             out += f".{part}" if out else str(part)
+        previous = part
     return out
 
 
-def problems_of(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+def problems_of(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[tuple[str, str]]:
     """Turn pydantic errors into (key path, message naming the bad value and what is allowed)."""
     out = []
     for item in error.errors(include_url=False):
@@ -227,7 +232,8 @@ def problems_of(error: ValidationError, prefix: str = "") -> list[tuple[str, str
         msg = item["msg"].removeprefix("Value error, ")
         kind = item["type"]
         if kind == "extra_forbidden":
-            msg = "unknown key (a typo?)"
+            allowed = sorted(_fields_at(model, loc[:-1])) if model else []
+            msg = "unknown key (a typo?)" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
         elif kind == "union_tag_invalid":
             ctx = item.get("ctx", {})
             msg = f"unknown kind {ctx.get('tag')!r} (known: {ctx.get('expected_tags', '').replace(chr(39), '')})"
@@ -240,10 +246,39 @@ def problems_of(error: ValidationError, prefix: str = "") -> list[tuple[str, str
 
 
 def _show(value: Any, loc: tuple) -> str:
-    if loc and str(loc[-1]) in ("password", "token", "value"):
+    """The bad value as a user may see it: never a secret, never a whole table."""
+    if any(str(part) in _SECRET_KEYS for part in loc):
         return "(secret)"
+    if isinstance(value, dict):
+        return f"a table with keys {', '.join(map(str, value)) or 'none'}"
     text = repr(value)
     return text if len(text) < 80 else text[:77] + "..."
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside an annotation (through list, dict, Union, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models(arg)]
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at ``loc`` inside ``model`` (following discriminator tags)."""
+    current: list[type[BaseModel]] = [model]
+    for part in loc:
+        if isinstance(part, int) or not current:
+            continue
+        if part in _TAGS:
+            tagged = [m for m in current if part in get_args(m.model_fields.get("kind").annotation if "kind" in m.model_fields else None)]
+            current = tagged or current
+            continue
+        field = current[0].model_fields.get(part) if len(current) == 1 else next((m.model_fields[part] for m in current if part in m.model_fields), None)
+        if field is None:
+            return []
+        current = _models(field.annotation)
+    if len(current) != 1 or current[0].model_config.get("extra") != "forbid":
+        return []
+    return [name for name in current[0].model_fields]
 
 
 def _forbid_with_allowed(model: type[BaseModel], data: dict, prefix: str, problems: list[tuple[str, str]]) -> Any:
@@ -251,27 +286,8 @@ def _forbid_with_allowed(model: type[BaseModel], data: dict, prefix: str, proble
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        for path, msg in problems_of(error, prefix):
-            if msg.startswith("unknown key"):
-                msg = f"unknown key (a typo?); allowed here: {', '.join(sorted(_fields_at(model, path, prefix)))}"
-            problems.append((path, msg))
+        problems.extend(problems_of(error, prefix, model))
         return None
-
-
-def _fields_at(model: type[BaseModel], path: str, prefix: str) -> list[str]:
-    """The keys a (possibly nested) model allows at ``path``."""
-    parts = [p for p in re.split(r"\.|\[\d+\]", path[len(prefix):]) if p][:-1]
-    current: Any = model
-    for part in parts:
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            break
-        annotation = field.annotation
-        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not candidates:
-            break
-        current = candidates[0]
-    return list(getattr(current, "model_fields", {}))
 
 
 def load(path: Path | str) -> Config:
@@ -335,7 +351,7 @@ def _validate_auth(table: Any, where: str, problems: list) -> Any:
     try:
         return _AuthHolder.model_validate({"auth": table}).auth
     except ValidationError as error:
-        problems.extend(problems_of(error, where.rsplit(".auth", 1)[0]))
+        problems.extend(problems_of(error, where.rsplit(".auth", 1)[0], _AuthHolder))
         return None
 
 
@@ -379,7 +395,11 @@ def _check_action(config: Config, step: ActionStep, where: str, problems: list) 
     given = set(step.inputs) | ({"body"} if step.body is not None else set())
     allowed = set(model.model_fields)
     for key in sorted(given - allowed):
-        problems.append((f"{where}.{key}", f"unknown key for '{step.action}' (allowed: {', '.join(sorted(allowed | {'action', 'wait_for_response', 'proceed_on_failure', 'retry'}))})"))
+        problems.append((f"{where}.{key}", f"unknown key for '{step.action}' (allowed: {', '.join(sorted(allowed | {'kind', 'action', 'wait_for_response', 'proceed_on_failure', 'retry'}))})"))
     for key, field in model.model_fields.items():
         if field.is_required() and key not in given and key != "body":
             problems.append((f"{where}.{key}", f"'{step.action}' needs this key"))
+    try:  # rules about the input as a whole ("give text, html or both"), checked with stand-in values
+        model.model_validate({key: "x" for key in given & allowed})
+    except ValidationError as error:
+        problems.extend((where, e["msg"].removeprefix("Value error, ")) for e in error.errors(include_url=False) if not e["loc"])

@@ -13,18 +13,23 @@ from loguru import logger
 
 import sinks
 import sources
-from agent.config import Config
+from agent.config import Config, ConfigError
 from agent.flows import FlowRunner
 from agent.http import build_session
 from agent.poller import Poller, PollResult
 from agent.templates import Templates
+from sinks.base import SinkError
+from sources.base import SourceError
 from state.ledger import Execution, Finish, Ledger
 
 
-def build(cls: type, cfg: Any, available: dict[str, Any]) -> Any:
+def build(cls: type, cfg: Any, available: dict[str, Any], where: str, file: str) -> Any:
     """Construct a plugin with the injected dependencies its constructor asks for."""
     wanted = inspect.signature(cls).parameters
-    return cls(cfg, **{name: value for name, value in available.items() if name in wanted})
+    try:
+        return cls(cfg, **{name: value for name, value in available.items() if name in wanted})
+    except (SinkError, SourceError) as error:  # e.g. an unreadable ca_file: the config's fault, exit 2
+        raise ConfigError(file, [(where, str(error))]) from None
 
 
 @dataclass
@@ -47,18 +52,20 @@ class Agent:
         self.config = config
         self.clock = clock
         self.stopping = threading.Event()
-        self.ledger = ledger or Ledger(config.ledger_path)
         templates = Templates()
         pool = config.agent.concurrency
+        file = str(config.path)
         self.sources = {
-            name: build(sources.source_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"sources.{name}")), "base_dir": config.base_dir})
+            name: build(sources.source_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"sources.{name}")),
+                                                              "base_dir": config.base_dir}, f"sources.{name}", file)
             for name, cfg in config.sources.items()
         }
         self.connectors = {
             name: build(sinks.connector_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"connectors.{name}"), pool),
-                                                               "clock": clock, "base_dir": config.base_dir})
+                                                               "clock": clock, "base_dir": config.base_dir}, f"connectors.{name}", file)
             for name, cfg in config.connectors.items()
         }
+        self.ledger = ledger or Ledger(config.ledger_path)  # after the plugins: a config error touches no ledger
         self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates)
         self.poller = Poller(config, self.ledger, self.sources, clock=clock, templates=templates)
         recovered = self.ledger.recover(clock())

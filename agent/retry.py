@@ -33,7 +33,7 @@ class RetryPolicy:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.max_interval)
-        delay = self.interval * (2 ** (attempt - 1) if self.backoff == "exponential" else 1)
+        delay = self.interval * (2 ** min(attempt - 1, 64) if self.backoff == "exponential" else 1)  # capped: no overflow
         delay = min(delay, self.max_interval)
         if self.jitter:
             delay *= 0.5 + rand() / 2  # "equal jitter": never less than half, spreads a herd of retries

@@ -63,7 +63,7 @@ class Templates:
             return {k: self.render(v, context, autoescape) for k, v in template.items()}
         if isinstance(template, list):
             return [self.render(v, context, autoescape) for v in template]
-        if not isinstance(template, str) or ("{{" not in template and "{%" not in template):
+        if not isinstance(template, str) or not any(mark in template for mark in ("{{", "{%", "{#")):
             return template
         return self._run(self._compile(template, autoescape, False), context)
 

@@ -277,7 +277,6 @@ def test_an_unset_variable_without_default_names_the_key_path(fails, monkeypatch
                            "environment variable SYNC_NOT_SET is not set (set it, or write ${SYNC_NOT_SET:-default})")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ${NAME:-default} keeps an empty NAME instead of the default (shell and compose use the default for unset OR empty)")
 def test_a_default_is_used_when_the_variable_is_empty(write, monkeypatch):
     monkeypatch.setenv("SYNC_LEDGER", "")
     config = load(write(edit('ledger = "var/agent.db"', 'ledger = "${SYNC_LEDGER:-var/other.db}"')))
@@ -350,7 +349,7 @@ ERRORS = [
         id="unknown-verb"),
     pytest.param(
         edit('body = "mapped"', 'body = "mapped"\nsubject = "hello"'),
-        "flows[0].steps[2].subject", "unknown key for 'crm > leads > upsert' (allowed: action, body, proceed_on_failure, retry, wait_for_response)",
+        "flows[0].steps[2].subject", "unknown key for 'crm > leads > upsert' (allowed: action, body, kind, proceed_on_failure, retry, wait_for_response)",
         id="unknown-action-input"),
     pytest.param(
         edit('body = "mapped"', 'body = "mapped"\nretry = { on = ["timeout", "sometimes"] }'),
@@ -441,7 +440,6 @@ source = "leads"
     assert only(fails(text)) == ("flows[1].steps[0].to", "'mail > message > send' needs this key")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the allowed-keys list for a typo inside a step (or its retry table) is FlowConfig's (name, source, steps)")
 @pytest.mark.parametrize("old, new, path, allowed", [
     ('kind = "filter"', 'kind = "filter"\n  wehn = "true"', "flows[0].steps[0].wehn", "kind, when"),
     ('body = "mapped"', 'body = "mapped"\nretry = { intervall = "5s" }', "flows[0].steps[2].retry.intervall",
@@ -451,20 +449,17 @@ def test_a_typo_inside_a_step_lists_the_keys_of_that_step(fails, old, new, path,
     assert only(fails(edit(old, new))) == (path, f"unknown key (a typo?); allowed here: {allowed}")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: key_path keeps the discriminator tag: 'sources.leads.paging.page.sze', and lists NoPaging's keys")
 def test_a_typo_inside_paging_names_paging_and_its_keys(fails):
     error = fails(edit('id = "lastSubmissionID"', 'id = "lastSubmissionID"\npaging = { kind = "page", sze = 10 }'))
     assert only(error) == ("sources.leads.paging.sze", "unknown key (a typo?); allowed here: kind, max_pages, param, size, size_param, start, total")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: key_path keeps the discriminator tag: 'sources.leads.auth.basic.pasword'")
 def test_a_typo_inside_auth_names_the_auth_key_path(fails):
     error = fails(edit('id = "lastSubmissionID"', 'id = "lastSubmissionID"\nauth = { kind = "basic", username = "u", pasword = "p" }'))
     assert sorted(error.problems) == [("sources.leads.auth.password", "required key is missing"),
-                                      ("sources.leads.auth.pasword", "unknown key (a typo?)")]
+                                      ("sources.leads.auth.pasword", "unknown key (a typo?); allowed here: kind, password, username")]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a mail action with neither text nor html passes validate; every record then fails at run time")
 def test_a_mail_action_without_a_body_is_a_config_error(fails):
     pytest.importorskip("sinks.smtp", reason="smtp connector not importable yet")
     text = BASE + '''
@@ -497,12 +492,9 @@ WRONG_AUTH = [
     pytest.param('{ kind = "bearer", token = ["${SYNC_SECRET}"] }', id="token-not-a-string"),
     pytest.param('{ kind = "header", name = "X-Key", value = { v = "${SYNC_SECRET}" } }', id="header-value-not-a-string"),
     pytest.param('{ kind = "basic", username = "u", password = "${SYNC_SECRET}", token = "${SYNC_SECRET}" }', id="token-in-basic"),
-    pytest.param('{ token = "${SYNC_SECRET}" }', id="kind-forgotten",
-                 marks=pytest.mark.xfail(strict=True, reason="BUG: a table without kind is shown whole in the message, secret included")),
-    pytest.param('"${SYNC_SECRET}"', id="token-written-as-auth",
-                 marks=pytest.mark.xfail(strict=True, reason="BUG: auth written as a bare string is shown in the message")),
-    pytest.param('["${SYNC_SECRET}"]', id="auth-as-a-list",
-                 marks=pytest.mark.xfail(strict=True, reason="BUG: auth written as a list is shown in the message")),
+    pytest.param('{ token = "${SYNC_SECRET}" }', id="kind-forgotten"),
+    pytest.param('"${SYNC_SECRET}"', id="token-written-as-auth"),
+    pytest.param('["${SYNC_SECRET}"]', id="auth-as-a-list"),
 ]
 
 
@@ -516,7 +508,6 @@ def test_a_wrong_auth_table_never_shows_the_secret(fails, monkeypatch, table, au
     assert SECRET not in str(error)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a model-level error (username without password) shows the whole smtp table, password included")
 def test_an_smtp_table_error_never_shows_the_password(fails, monkeypatch):
     pytest.importorskip("sinks.smtp", reason="smtp connector not importable yet")
     monkeypatch.setenv("SYNC_SECRET", SECRET)
