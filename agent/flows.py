@@ -31,13 +31,15 @@ def idempotency_key(flow: str, step: int, source: str, key: str, replay: int = 0
 
 class FlowRunner:
     def __init__(self, config: Config, connectors: dict[str, Connector], *, clock: Callable[[], float],
-                 templates: Templates | None = None, rand: Callable[[], float] = random.random):
+                 templates: Templates | None = None, rand: Callable[[], float] = random.random,
+                 failpoint: Callable[[str], None] = lambda name: None):
         self.flows: dict[str, FlowConfig] = {flow.name: flow for flow in config.flows}
         self.config = config
         self.connectors = connectors
         self.templates = templates or Templates()
         self.clock = clock
         self.rand = rand
+        self.failpoint = failpoint
 
     def run(self, ex: Execution) -> Finish:
         """Run an execution from its current step up to and including one action."""
@@ -127,6 +129,8 @@ class FlowRunner:
         key = idempotency_key(ex.flow, index, ex.source, ex.key, ex.replay)
         started = self.clock()
         outcome = self._call(self.connectors[connector_name], action, data, key)
+        if outcome.status == "succeeded":
+            self.failpoint("after_send")
         first_try = index != ex.step  # the claim began at an earlier (pure) step: this is the step's first attempt
         attempt = {"step": index, "n": 1 if first_try else ex.attempts, "first": started if first_try else (ex.first_attempt or started),
                    "started": started, "finished": self.clock(), "outcome": outcome.status,

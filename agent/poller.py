@@ -118,7 +118,8 @@ class Poller:
     """Polls the configured sources into the ledger."""
 
     def __init__(self, config: Config, ledger: Ledger, sources: dict[str, Any], *, clock: Callable[[], float],
-                 templates: Templates | None = None):
+                 templates: Templates | None = None, failpoint: Callable[[str], None] = lambda name: None):
+        self.failpoint = failpoint
         self.config = config
         self.ledger = ledger
         self.sources = sources
@@ -142,6 +143,7 @@ class Poller:
             for number in range(1, MAX_PASSES + 1):
                 state.previous, state.shifted = set(), False
                 for page in self.sources[name].pages(params):
+                    self.failpoint("after_fetch")
                     self._page(name, cfg, page, state, result, log)
                 if not state.shifted or number == MAX_PASSES:
                     break

@@ -13,6 +13,7 @@ from loguru import logger
 
 import sinks
 import sources
+from agent import failpoints
 from agent.config import Config, ConfigError
 from agent.flows import FlowRunner
 from agent.http import build_session
@@ -65,9 +66,10 @@ class Agent:
                                                                "clock": clock, "base_dir": config.base_dir}, f"connectors.{name}", file)
             for name, cfg in config.connectors.items()
         }
-        self.ledger = ledger or Ledger(config.ledger_path)  # after the plugins: a config error touches no ledger
-        self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates)
-        self.poller = Poller(config, self.ledger, self.sources, clock=clock, templates=templates)
+        self.failpoint = failpoints.from_env()
+        self.ledger = ledger or Ledger(config.ledger_path, failpoint=self.failpoint)  # after the plugins: a config error touches no ledger
+        self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates, failpoint=self.failpoint)
+        self.poller = Poller(config, self.ledger, self.sources, clock=clock, templates=templates, failpoint=self.failpoint)
         recovered = self.ledger.recover(clock())
         if recovered:
             logger.warning("{} execution(s) were interrupted by a stop; they are due again now, with the same idempotency keys", recovered)
@@ -94,7 +96,10 @@ class Agent:
         with ThreadPoolExecutor(max_workers=size, thread_name_prefix="deliver") as pool:
             while True:
                 if not self.stopping.is_set() and len(in_flight) < size:
-                    for ex in self.ledger.claim(self.clock(), size - len(in_flight), self.config.agent.lease):
+                    claimed = self.ledger.claim(self.clock(), size - len(in_flight), self.config.agent.lease)
+                    if claimed:
+                        self.failpoint("after_claim")
+                    for ex in claimed:
                         in_flight[pool.submit(self.runner.run, ex)] = ex
                 if not in_flight:
                     break

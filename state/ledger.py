@@ -25,7 +25,7 @@ import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
@@ -135,10 +135,12 @@ def _json(value: Any) -> str:
 class Ledger:
     """The SQLite ledger file, held exclusively by this process while open."""
 
-    def __init__(self, path: Path | str, *, readonly: bool = False, hold: bool = True, busy_timeout: float = 5.0):
+    def __init__(self, path: Path | str, *, readonly: bool = False, hold: bool = True, busy_timeout: float = 5.0,
+                 failpoint: Callable[[str], None] = lambda name: None):
         """Open (creating and migrating) the ledger as its one agent; ``hold=False`` or
         ``readonly`` open an existing ledger beside a running agent (operator commands)."""
         self.path = Path(path)
+        self.failpoint = failpoint  # fault tests crash the process inside transactions through this
         self.readonly = readonly
         self.hold = hold and not readonly
         self._lock_fd: int | None = None
@@ -271,6 +273,7 @@ class Ledger:
                 "INSERT INTO records (source, key, id, version, hash, first_seen) VALUES (?, ?, ?, ?, ?, ?)",
                 [(source, a.key, a.id, a.version, a.hash, now) for a in fresh],
             )
+            self.failpoint("inside_admit")
             if prime:
                 result.primed = len(fresh)
                 return result
@@ -425,6 +428,8 @@ class Ledger:
             " attempts = ?, first_attempt = ?, updated = ? WHERE id = ? AND status = 'running'",
             (result.status, result.step, _json(result.context), result.next_at, result.error, attempts, first, now, ex.id),
         )
+        if result.status in ("retrying", "paused", "failed", "dead"):
+            self.failpoint("inside_failure")
         for spawn in result.spawn:
             conn.execute(
                 "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, single)"

@@ -184,6 +184,9 @@ def test_embedded_default_runs_offline(tmp_path):
     spam = sum(r["Status"] == "Spam" for r in records)
     lines = (tmp_path / "var" / "outbox.jsonl").read_text().splitlines()
     assert len(lines) == len(records) - spam
+    mails = list((tmp_path / "var" / "mail" / "new").iterdir())
+    assert len(mails) == len(records) - spam
     second = agent(tmp_path / "agent.toml", "run", "--once")
     assert "sent: 0" in second.stdout
     assert len((tmp_path / "var" / "outbox.jsonl").read_text().splitlines()) == len(lines)
+    assert len(list((tmp_path / "var" / "mail" / "new").iterdir())) == len(mails)

@@ -13,89 +13,7 @@ from sinks.base import Action
 ROOT = Path(__file__).resolve().parent.parent
 
 # Section 4 of the design, verbatim: the public interface of agent.toml.
-DESIGN_EXAMPLE = r'''
-[agent]
-ledger = "var/agent.db"        # SQLite ledger file
-log_level = "INFO"
-log_format = "text"            # "text" | "json"
-retention = "30d"              # finished executions and attempts older than this are pruned
-concurrency = 4                # deliveries in flight at once
-
-[sources.leads]
-kind = "rest"                  # "rest" | "file"
-url = "https://example.invalid/api/views/Leads/All"
-every = "5m"                   # poll interval: "30s", "5m", "1h", "1d"; or at = "02:00" with timezone = "Europe/Berlin"
-records = "records"            # dotted path to the list in the JSON body; "" = the body is the list
-id = "lastSubmissionID"        # the de-duplication key field
-updated = "lastModified"       # optional: the modified-time field (cursor, ordering)
-entity = "RecordId"            # optional: the stable id of the thing a version belongs to (ordering, supersede)
-dedupe = "id"                  # "id" | "id+updated" | "content" (hash of the whole record)
-first_run = "skip"             # "skip" (default; prime: mark what the view shows as seen, send nothing)
-                               # | "deliver" (backfill what the view shows)
-supersede = false              # true: a newer version of the same entity replaces an older one still waiting
-window = "7d"                  # optional: how far back the view reaches; warn when a gap between polls
-                               # exceeds it, and seen keys older than it may be pruned
-timeout = "30s"
-params = { since = "{{ cursor }}" }   # optional query parameters, templated with the cursor
-auth = { kind = "basic", username = "integration", password = "${VIEW_PASSWORD}" }
-                               # kinds: "basic" | "bearer" (token) | "header" (name, value) | "none"
-paging = { kind = "page", param = "page", size_param = "pageSize", size = 100, start = 1 }
-                               # kinds: "none" | "page" | "offset" (param, size_param, size)
-                               #        | "cursor" (param, next = dotted path to the next token)
-                               #        | "link" (RFC 8288 Link: rel="next") | "next_url" (next = dotted path)
-
-[sources.backlog]
-kind = "file"                  # a JSON or JSONL file shaped like a view body
-path = "examples/leads.json"
-records = "records"
-id = "lastSubmissionID"
-
-[connectors.mail]
-kind = "smtp"                  # "smtp" | "http" | "mailbox" (a local Maildir) | "file" (JSON lines)
-host = "smtp.example.invalid"
-port = 587
-security = "starttls"          # "starttls" | "ssl" | "none"
-username = "agent"
-password = "${SMTP_PASSWORD}"
-sender = "sync-agent@example.invalid"
-
-[connectors.crm]
-kind = "http"
-base_url = "https://crm.example.invalid/api"
-auth = { kind = "bearer", token = "${CRM_TOKEN}" }
-idempotency_header = "Idempotency-Key"
-timeout = "30s"
-[connectors.crm.objects.leads]
-path = "/leads"                # actions on this object use base_url + path
-key = "email"                  # the field that identifies a record there (update, upsert, delete, get)
-
-[[flows]]
-name = "new-lead-email"
-source = "leads"
-
-  [[flows.steps]]
-  kind = "filter"
-  when = "record.Status != 'Spam'"          # a Jinja expression; false ends this record's flow, status "filtered"
-
-  [[flows.steps]]
-  kind = "map"                              # output stored as `mapped` for later steps
-  fields = { email = "{{ record.Email | lower }}", name = "{{ record.FirstName }} {{ record.LastName }}" }
-
-  [[flows.steps]]
-  kind = "action"
-  action = "crm > leads > upsert"
-  body = "mapped"                           # "mapped" = use the map step's output (Use Existing Body), or a table of templates
-  wait_for_response = true                  # false: queue the call and go on (status "queued")
-  proceed_on_failure = false                # true: a failed step does not stop later steps
-  retry = { on = ["timeout", "connection", "5xx", "429"], attempts = 8, interval = "30s", backoff = "exponential", max_interval = "1h", window = "23h" }
-
-  [[flows.steps]]
-  kind = "action"
-  action = "mail > message > send"
-  to = "sales@example.invalid"
-  subject = "New lead: {{ record.FirstName }} {{ record.LastName }}"
-  text = "{{ record | tojson(indent=2) }}"
-'''
+DESIGN_EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "design.toml").read_text()
 
 # A small valid file that the error tests break one line at a time.
 BASE = '''
@@ -189,9 +107,9 @@ def test_the_repository_agent_toml_loads():
     assert config.sources["leads"].kind == "file"
     assert config.sources["leads"].first_run == "deliver"
     assert config.sources["leads"].every == 300.0
-    assert list(config.connectors) == ["outbox"]
+    assert list(config.connectors) == ["outbox", "mail"]
     assert [f.name for f in config.flows] == ["new-leads"]
-    assert [s.kind for s in config.flows[0].steps] == ["filter", "map", "action"]
+    assert [s.kind for s in config.flows[0].steps] == ["filter", "map", "action", "action"]
     assert config.ledger_path == ROOT / "var" / "agent.db"
     assert config.agent.retention == 30 * 86400.0
 
@@ -543,3 +461,12 @@ def test_the_cli_validates_a_good_config(write, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{path}: ok — 1 source(s), 2 connector(s), 1 flow(s)\n"
+
+
+@pytest.mark.parametrize("name", ["rest-to-http.toml", "leads-to-email.toml", "design.toml"])
+def test_every_example_config_loads(name, monkeypatch):
+    for var in ("VIEW_PASSWORD", "SMTP_PASSWORD", "CRM_TOKEN"):
+        monkeypatch.setenv(var, "example-secret")
+    config = load(ROOT / "examples" / name)
+    assert config.flows and config.sources and config.connectors
+    assert "example-secret" in config.secrets
