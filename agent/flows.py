@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from typing import Any, Callable
 
 from loguru import logger
@@ -40,6 +41,9 @@ class FlowRunner:
         self.clock = clock
         self.rand = rand
         self.failpoint = failpoint
+        self.paused: dict[str, tuple[float, str]] = {}  # connector -> (probe time, why): one probe at a time reaches it
+        self._lock = threading.Lock()
+        self.resumed = False  # set when a paused connector answered again; the agent wakes the paused work
 
     def run(self, ex: Execution) -> Finish:
         """Run an execution from its current step up to and including one action."""
@@ -126,9 +130,13 @@ class FlowRunner:
             data = model.model_validate(self._inputs(step, model, values)).model_dump()
         except ValidationError as error:
             raise RenderError("invalid input: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False))) from None
+        held = self._held(connector_name)
+        if held is not None:
+            return Finish("paused", index, context, next_at=held[0], error=f"connector {connector_name!r} is paused: {held[1]}")
         key = idempotency_key(ex.flow, index, ex.source, ex.key, ex.replay)
         started = self.clock()
         outcome = self._call(self.connectors[connector_name], action, data, key)
+        self._note(connector_name, outcome, log)
         if outcome.status == "succeeded":
             self.failpoint("after_send")
         first_try = index != ex.step  # the claim began at an earlier (pure) step: this is the step's first attempt
@@ -136,6 +144,30 @@ class FlowRunner:
                    "started": started, "finished": self.clock(), "outcome": outcome.status,
                    "status_code": outcome.status_code, "error": outcome.error}
         return self._settle(ex, index, step, context, outcome, attempt, log)
+
+    def _held(self, connector: str) -> tuple[float, str] | None:
+        """(probe time, why) while a paused connector's probe time has not come."""
+        with self._lock:
+            held = self.paused.get(connector)
+            if held is None or held[0] > self.clock():
+                return held
+            self.paused[connector] = (self.clock() + PAUSE_PROBE, held[1])  # this call is the probe; others keep waiting
+            return None
+
+    def _note(self, connector: str, outcome: Outcome, log) -> None:
+        """Pause a connector on a credential/TLS problem; resume it when a probe gets through."""
+        with self._lock:
+            was = connector in self.paused
+            if outcome.status == "paused":
+                self.paused[connector] = (self.clock() + PAUSE_PROBE, outcome.error or "paused")
+            elif was:
+                del self.paused[connector]
+                self.resumed = True
+        if outcome.status == "paused" and not was:
+            log.error("connector {!r} PAUSED: {} — nothing is sent to it and no attempt is spent; it is probed every {:.0f}s",
+                      connector, outcome.error, PAUSE_PROBE)
+        elif was and connector not in self.paused:
+            log.warning("connector {!r} answers again: resumed", connector)
 
     @staticmethod
     def _call(connector: Connector, action: Action, data: dict, key: str) -> Outcome:
@@ -154,7 +186,6 @@ class FlowRunner:
             return attempt
         error = f"{where}: {outcome.error or outcome.status}"
         if outcome.status == "paused":
-            log.error("connector paused: {} (nothing is sent to it and no attempt is spent until it answers again)", error)
             return Finish("paused", index, context, next_at=now + PAUSE_PROBE, error=error, attempt=attempt)
         policy = RetryPolicy.from_config(step.retry)
         if outcome.status == "retryable" and policy.covers(outcome.condition, outcome.status_code):

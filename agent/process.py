@@ -106,6 +106,9 @@ class Agent:
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 batch = [(in_flight.pop(f), f.result()) for f in done]
                 self.ledger.finish_many(batch, self.clock())
+                if self.runner.resumed:
+                    self.runner.resumed = False
+                    self.ledger.wake_paused(self.clock())
                 for ex, finish in batch:
                     self._tally(result, ex, finish)
         if result.sent or result.failed or result.dead:

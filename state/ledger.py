@@ -437,6 +437,11 @@ class Ledger:
                 (ex.flow, ex.source, ex.key, ex.entity, spawn["step"], now, _json(spawn["context"]), now, now, ex.replay),
             )
 
+    def wake_paused(self, now: float) -> int:
+        """Make paused executions due now (their connector answers again)."""
+        with self.write() as conn:
+            return conn.execute("UPDATE executions SET next_at = ?, updated = ? WHERE status = 'paused'", (now, now)).rowcount
+
     def next_due(self) -> float | None:
         """The earliest time a waiting execution becomes due, or None."""
         row = self.conn.execute("SELECT MIN(next_at) FROM executions WHERE status IN ('pending', 'retrying', 'paused')").fetchone()

@@ -242,3 +242,18 @@ def test_replay_gets_a_new_key():
     assert idempotency_key("f", 0, "s", "k") == idempotency_key("f", 0, "s", "k")
     assert idempotency_key("f", 0, "s", "k", replay=1) != idempotency_key("f", 0, "s", "k")
     assert idempotency_key("f", 1, "s", "k") != idempotency_key("f", 0, "s", "k")
+
+
+def test_a_paused_connector_is_probed_once_not_hammered(tmp_path, ledger):
+    clock = Clock()
+    sink = Scripted(Outcome("paused", error="HTTP 401", status_code=401))
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, *({"id": i, "name": "a", "n": i} for i in range(5)))
+    drive(ledger, runner, clock)
+    assert len(sink.calls) == 1  # the first 401 paused the connector; the other four did not call it
+    assert {r["status"] for r in ledger.executions()} == {"paused"}
+    assert {r["attempts"] for r in ledger.executions()} == {0}
+    clock.t += 60
+    drive(ledger, runner, clock)
+    assert len(sink.calls) == 6 and ledger.counts() == {"f": {"succeeded": 5}}
+    assert runner.paused == {}
