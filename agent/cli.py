@@ -11,11 +11,13 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from loguru import logger
 
@@ -51,9 +53,19 @@ def parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", type=int)
     retry.add_argument("--dead", action="store_true", help="re-queue every dead execution")
     retry.add_argument("--json", action="store_true")
+    replay = sub.add_parser("replay", help="send finished executions again on purpose (new idempotency keys)")
+    replay.add_argument("--flow", required=True)
+    replay.add_argument("--since", help="only executions created at or after this time (ISO 8601, e.g. 2026-11-01T00:00:00Z)")
+    replay.add_argument("--entity", help="only this entity (or record key, for sources without `entity`)")
+    replay.add_argument("--yes", action="store_true", help="do not ask")
+    test = sub.add_parser("test", help="dry run: a record through a flow without the ledger and without sending")
+    test.add_argument("flow")
+    test.add_argument("--record", required=True, type=Path, help="a JSON file holding one record (or a list of records)")
+    test.add_argument("--json", action="store_true")
     actions = sub.add_parser("actions", help="list the action paths of the configured connectors and their input schemas")
     actions.add_argument("--json", action="store_true")
-    sub.add_parser("validate", help="check the config and print what is wrong")
+    validate = sub.add_parser("validate", help="check the config and that every source and sink can be reached")
+    validate.add_argument("--offline", action="store_true", help="check the config only")
     prune = sub.add_parser("prune", help="apply [agent] retention now")
     prune.add_argument("--json", action="store_true")
     return p
@@ -255,8 +267,105 @@ def cmd_actions(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_validate(config: Config, args: argparse.Namespace) -> int:
-    print(f"{config.path}: ok — {len(config.sources)} source(s), {len(config.connectors)} connector(s), {len(config.flows)} flow(s)")
+    from agent.process import build_plugins  # late: constructing plugins checks files such as ca_file
+
+    build_plugins(config)
+    print(f"{config.path}: config ok — {len(config.sources)} source(s), {len(config.connectors)} connector(s), {len(config.flows)} flow(s)")
+    if args.offline:
+        return OK
+    problems = 0
+    for where, target, error in reachability(config):
+        problems += error is not None
+        print(f"  {where:<28} {target:<40} {'ok' if error is None else 'UNREACHABLE: ' + error}")
+    return FAILED if problems else OK
+
+
+def reachability(config: Config):
+    """(where, target, error or None) for every source and connector: a TCP connect, or a writable folder."""
+    for section, table in (("sources", config.sources), ("connectors", config.connectors)):
+        for name, cfg in table.items():
+            where = f"{section}.{name}"
+            url = getattr(cfg, "url", None) or getattr(cfg, "base_url", None)
+            if url:
+                parts = urlsplit(str(url))
+                yield where, f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}", _connect(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+            elif getattr(cfg, "host", None):
+                yield where, f"{cfg.host}:{cfg.port}", _connect(cfg.host, cfg.port)
+            elif getattr(cfg, "path", None) is not None:
+                path = config.base_dir / cfg.path
+                yield where, str(path), _usable(path, section == "sources")
+
+
+def _connect(host: str, port: int) -> str | None:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        return None
+    except OSError as error:
+        return error.strerror or str(error)
+
+
+def _usable(path: Path, read: bool) -> str | None:
+    if read:
+        return None if path.is_file() else "no such file"
+    folder = next((p for p in [path, *path.parents] if p.exists()), None)
+    return None if folder is not None and os.access(folder, os.W_OK) else "not writable"
+
+
+def cmd_replay(config: Config, args: argparse.Namespace) -> int:
+    if not any(flow.name == args.flow for flow in config.flows):
+        raise Usage(f"unknown flow {args.flow!r} (known: {', '.join(f.name for f in config.flows) or 'none'})")
+    since = _parse_since(args.since)
+    with Ledger(config.ledger_path, hold=False) as ledger:
+        ids = ledger.replayable(args.flow, since, args.entity)
+        if not ids:
+            print("nothing to replay")
+            return OK
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise Usage(f"{len(ids)} execution(s) would be sent again under new keys; add --yes to confirm")
+            if input(f"send {len(ids)} execution(s) of {args.flow} again, under new idempotency keys? [y/N] ").strip().lower() not in ("y", "yes"):
+                print("nothing replayed")
+                return OK
+        count = ledger.replay(ids, time.time())
+    print(f"replaying {count} execution(s); the agent sends them on its next drain")
     return OK
+
+
+def _parse_since(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise Usage(f"--since {text!r}: not a time; write ISO 8601 such as 2026-11-01T00:00:00Z") from None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def cmd_test(config: Config, args: argparse.Namespace) -> int:
+    from agent.dryrun import dry_run
+
+    flow = next((f for f in config.flows if f.name == args.flow), None)
+    if flow is None:
+        raise Usage(f"unknown flow {args.flow!r} (known: {', '.join(f.name for f in config.flows) or 'none'})")
+    try:
+        loaded = json.loads(args.record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise Usage(f"--record {args.record}: {error}") from None
+    reports = [dry_run(config, flow, record) for record in (loaded if isinstance(loaded, list) else [loaded])]
+    if args.json:
+        print(json.dumps(reports, indent=2, ensure_ascii=False, default=str))
+    else:
+        print("\n\n".join(report_text(r) for r in reports))
+    return FAILED if any(r["status"] in ("failed", "bad record") for r in reports) else OK
+
+
+def report_text(report: dict) -> str:
+    lines = [f"flow {report['flow']}, record {report['key']}: {report['status']}" + (f" — {report['error']}" if report.get("error") else "")]
+    for step in report["steps"]:
+        shown = json.dumps(step.get("output", step.get("send")), ensure_ascii=False, indent=2, default=str).replace("\n", "\n      ")
+        verb = "would send" if "send" in step else "gives"
+        lines.append(f"  step {step['index']} {step['kind']}{' ' + step['action'] if step.get('action') else ''}: {verb} {shown}")
+    return "\n".join(lines)
 
 
 def cmd_prune(config: Config, args: argparse.Namespace) -> int:
@@ -270,5 +379,5 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run, "poll": cmd_poll, "status": cmd_status, "executions": cmd_executions, "retry": cmd_retry,
-    "actions": cmd_actions, "validate": cmd_validate, "prune": cmd_prune,
+    "actions": cmd_actions, "validate": cmd_validate, "prune": cmd_prune, "replay": cmd_replay, "test": cmd_test,
 }

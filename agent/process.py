@@ -33,6 +33,23 @@ def build(cls: type, cfg: Any, available: dict[str, Any], where: str, file: str)
         raise ConfigError(file, [(where, str(error))]) from None
 
 
+def build_plugins(config: Config, *, clock: Callable[[], float] = time.time,
+                  session_factory: Callable[..., Any] = build_session) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Construct every configured source and connector with its session, clock and folder."""
+    file, pool = str(config.path), config.agent.concurrency
+    built_sources = {
+        name: build(sources.source_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"sources.{name}")),
+                                                          "base_dir": config.base_dir}, f"sources.{name}", file)
+        for name, cfg in config.sources.items()
+    }
+    built_connectors = {
+        name: build(sinks.connector_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"connectors.{name}"), pool),
+                                                           "clock": clock, "base_dir": config.base_dir}, f"connectors.{name}", file)
+        for name, cfg in config.connectors.items()
+    }
+    return built_sources, built_connectors
+
+
 @dataclass
 class DrainResult:
     sent: int = 0
@@ -54,18 +71,7 @@ class Agent:
         self.clock = clock
         self.stopping = threading.Event()
         templates = Templates()
-        pool = config.agent.concurrency
-        file = str(config.path)
-        self.sources = {
-            name: build(sources.source_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"sources.{name}")),
-                                                              "base_dir": config.base_dir}, f"sources.{name}", file)
-            for name, cfg in config.sources.items()
-        }
-        self.connectors = {
-            name: build(sinks.connector_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"connectors.{name}"), pool),
-                                                               "clock": clock, "base_dir": config.base_dir}, f"connectors.{name}", file)
-            for name, cfg in config.connectors.items()
-        }
+        self.sources, self.connectors = build_plugins(config, clock=clock, session_factory=session_factory)
         self.failpoint = failpoints.from_env()
         self.ledger = ledger or Ledger(config.ledger_path, failpoint=self.failpoint)  # after the plugins: a config error touches no ledger
         self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates, failpoint=self.failpoint)

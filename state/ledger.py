@@ -485,6 +485,31 @@ class Ledger:
             )
         return found
 
+    def replayable(self, flow: str, since: float | None = None, entity: str | None = None) -> list[int]:
+        """Succeeded executions of a flow (optionally created since a time, of one entity)."""
+        sql, params = "SELECT id FROM executions WHERE flow = ? AND status = 'succeeded' AND single = 0", [flow]
+        if since is not None:
+            sql, params = sql + " AND created >= ?", params + [since]
+        if entity is not None:
+            sql, params = sql + " AND entity = ?", params + [entity]
+        return [r[0] for r in self.conn.execute(sql + " ORDER BY id", params)]
+
+    def replay(self, ids: list[int], now: float) -> int:
+        """Schedule finished executions again from their first step, each under a new replay number (a new key)."""
+        with self.write() as conn:
+            rows = self._rows(f"SELECT * FROM executions WHERE id IN ({','.join('?' * len(ids))})", ids) if ids else []
+            for row in rows:
+                old = json.loads(row["context"])
+                generation = conn.execute("SELECT COALESCE(MAX(replay), 0) + 1 FROM executions WHERE flow = ? AND source = ? AND key = ?",
+                                          (row["flow"], row["source"], row["key"])).fetchone()[0]
+                conn.execute(
+                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay)"
+                    " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?)",
+                    (row["flow"], row["source"], row["key"], row["entity"], now,
+                     _json({"record": old.get("record"), "cursor": old.get("cursor")}), now, now, generation),
+                )
+        return len(rows)
+
     def counts(self) -> dict[str, dict[str, int]]:
         """flow -> status -> number of executions."""
         out: dict[str, dict[str, int]] = {}

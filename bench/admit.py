@@ -1,0 +1,116 @@
+"""Admit records into the ledger, against bare sqlite3 inserts of the same rows.
+
+    python bench/admit.py [--quick] [--repeats N]
+
+agent    Ledger.admit(source, page, one flow, prime=False) for pages of 1,000 Admission items
+         (one BEGIN IMMEDIATE transaction per page: key lookup, records + executions inserts)
+bare     executemany of the same records and executions rows into the same schema, in ONE transaction,
+         WAL + synchronous=FULL; also with default pragmas (rollback journal) and with one transaction
+         per page (where the per-page commits' fsyncs cost shows)
+
+Only the inserts are timed: building the pages (and the bare rows, JSON contexts included) is not.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterator
+
+from common import PAGE, Row, human, scratch, table
+from state.ledger import Admission, Ledger
+from viewserver import make_leads
+
+SOURCE, FLOWS, NOW = "leads", [("leads-to-crm", False)], 1.8e9
+RECORDS_SQL = "INSERT INTO records (source, key, id, version, hash, first_seen) VALUES (?, ?, ?, ?, ?, ?)"
+EXECUTIONS_SQL = ("INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated)"
+                  " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?)")
+
+
+def pages(n: int) -> Iterator[list[Admission]]:
+    """`n` distinct lead records as Admission pages, the way the poller identifies them."""
+    template = make_leads(PAGE)
+    for p in range(n // PAGE):
+        items = []
+        for i, lead in enumerate(template):
+            key = f"S{p:06d}{i:04d}"
+            record = {**lead, "lastSubmissionID": key, "RecordId": f"R{p:06d}{i:04d}"}
+            items.append(Admission(key=key, id=key, version=record["lastModified"], hash=hashlib.sha256(key.encode()).hexdigest(),
+                                   entity=record["RecordId"], context={"record": record, "cursor": None}))
+        yield items
+
+
+def agent_admit(n: int) -> float:
+    with scratch() as folder, Ledger(folder / "agent.db") as ledger:
+        total = 0.0
+        for items in pages(n):
+            start = time.perf_counter()
+            result = ledger.admit(SOURCE, items, FLOWS, NOW, prime=False)
+            total += time.perf_counter() - start
+            assert result.new == len(items)
+        return total
+
+
+def _rows(items: list[Admission]) -> tuple[list[tuple], list[tuple]]:
+    flow = FLOWS[0][0]
+    records = [(SOURCE, a.key, a.id, a.version, a.hash, NOW) for a in items]
+    executions = [(flow, SOURCE, a.key, a.entity, NOW, json.dumps(a.context, ensure_ascii=True, separators=(",", ":")), NOW, NOW)
+                  for a in items]
+    return records, executions
+
+
+def bare_admit(n: int, journal: str = "WAL", synchronous: str = "FULL", per_page: bool = False) -> float:
+    """executemany of the same rows into the ledger's schema; one transaction unless `per_page`."""
+    with scratch() as folder:
+        path = folder / "bare.db"
+        Ledger(path).close()  # the same schema and indexes
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute(f"PRAGMA journal_mode = {journal}")
+        if synchronous:
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+        total = 0.0
+        start = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        total += time.perf_counter() - start
+        for items in pages(n):
+            records, executions = _rows(items)
+            start = time.perf_counter()
+            conn.executemany(RECORDS_SQL, records)
+            conn.executemany(EXECUTIONS_SQL, executions)
+            if per_page:
+                conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+            total += time.perf_counter() - start
+        start = time.perf_counter()
+        conn.execute("COMMIT")
+        total += time.perf_counter() - start
+        assert conn.execute("SELECT COUNT(*) FROM executions").fetchone()[0] == n
+        conn.close()
+        return total
+
+
+def run(quick: bool, repeats: int) -> list[Row]:
+    n = 100_000 if quick else 1_000_000
+    bare, default, per_page, agent = [], [], [], []
+    for _ in range(repeats):
+        bare.append(bare_admit(n))
+        default.append(bare_admit(n, journal="DELETE", synchronous=""))
+        per_page.append(bare_admit(n, per_page=True))
+        agent.append(agent_admit(n))
+    size = human(n)
+    return [
+        Row("admit (ledger, 1 flow)", size, bare, agent, note="bare: 1 txn, WAL + synchronous=FULL"),
+        Row("  context: bare, default pragmas", size, bare, default, note="ratio vs bare WAL: rollback journal, 1 txn"),
+        Row("  context: bare, 1 txn per page", size, bare, per_page, note="ratio vs bare WAL: the per-page commits"),
+    ]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(table(run(args.quick, args.repeats)))
