@@ -90,7 +90,7 @@ class FlowRunner:
         values = self._template_context(ex, context)
         if isinstance(step, FilterStep):
             if not self.templates.evaluate(step.when, values):
-                log.info("record {} filtered out by flow {!r} step {}", ex.key, flow.name, index)
+                log.debug("record {} filtered out by flow {!r} step {}", ex.key, flow.name, index)
                 return Finish("filtered", index, context)
             context.setdefault("steps", {})[str(index)] = True
             return None

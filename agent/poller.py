@@ -118,8 +118,10 @@ class Poller:
     """Polls the configured sources into the ledger."""
 
     def __init__(self, config: Config, ledger: Ledger, sources: dict[str, Any], *, clock: Callable[[], float],
-                 templates: Templates | None = None, failpoint: Callable[[str], None] = lambda name: None):
+                 templates: Templates | None = None, failpoint: Callable[[str], None] = lambda name: None,
+                 progress: Callable[[str], None] = lambda text: None):
         self.failpoint = failpoint
+        self.progress = progress
         self.config = config
         self.ledger = ledger
         self.sources = sources
@@ -145,6 +147,7 @@ class Poller:
                 for page in self.sources[name].pages(params):
                     self.failpoint("after_fetch")
                     self._page(name, cfg, page, state, result, log)
+                    self.progress(f"poll {name}: page {page.number}, {result.fetched} records, {result.new + result.primed} new")
                 if not state.shifted or number == MAX_PASSES:
                     break
                 log.info("{}: the view's order shifted while paging (a record showed on two pages); reading it again (pass {})", name, number + 1)

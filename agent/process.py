@@ -17,6 +17,7 @@ from agent import failpoints
 from agent.config import Config, ConfigError
 from agent.flows import FlowRunner
 from agent.http import build_session
+from agent.logs import Progress
 from agent.poller import Poller, PollResult
 from agent.templates import Templates
 from sinks.base import SinkError
@@ -75,7 +76,9 @@ class Agent:
         self.failpoint = failpoints.from_env()
         self.ledger = ledger or Ledger(config.ledger_path, failpoint=self.failpoint)  # after the plugins: a config error touches no ledger
         self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates, failpoint=self.failpoint)
-        self.poller = Poller(config, self.ledger, self.sources, clock=clock, templates=templates, failpoint=self.failpoint)
+        self.progress = Progress()
+        self.poller = Poller(config, self.ledger, self.sources, clock=clock, templates=templates, failpoint=self.failpoint,
+                             progress=self.progress)
         recovered = self.ledger.recover(clock())
         if recovered:
             logger.warning("{} execution(s) were interrupted by a stop; they are due again now, with the same idempotency keys", recovered)
@@ -89,7 +92,10 @@ class Agent:
         self.ledger.close()
 
     def poll(self, name: str) -> PollResult:
-        return self.poller.poll(name)
+        try:
+            return self.poller.poll(name)
+        finally:
+            self.progress.done()
 
     def poll_all(self) -> list[PollResult]:
         return [self.poll(name) for name in self.config.sources if not self.stopping.is_set()]
@@ -117,6 +123,8 @@ class Agent:
                     self.ledger.wake_paused(self.clock())
                 for ex, finish in batch:
                     self._tally(result, ex, finish)
+                self.progress(f"delivering: {result.sent} sent, {result.failed + result.dead} failed, {len(in_flight)} in flight")
+        self.progress.done()
         if result.sent or result.failed or result.dead:
             logger.info("drain: {} sent, {} failed, {} dead, {} retrying, {} paused", result.sent, result.failed, result.dead, result.retrying, result.paused)
         return result
