@@ -457,10 +457,10 @@ def test_the_cli_exits_2_on_a_bad_config_without_touching_the_ledger(write, tmp_
 
 def test_the_cli_validates_a_good_config(write, tmp_path):
     path = write(BASE)
-    done = subprocess.run([sys.executable, "-m", "agent", "--config", str(path), "validate"],
+    done = subprocess.run([sys.executable, "-m", "agent", "--config", str(path), "validate", "--offline"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"{path}: ok — 1 source(s), 2 connector(s), 1 flow(s)\n"
+    assert done.stdout == f"{path}: config ok — 1 source(s), 2 connector(s), 1 flow(s)\n"
 
 
 @pytest.mark.parametrize("name", ["rest-to-http.toml", "leads-to-email.toml", "design.toml"])
