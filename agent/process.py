@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import sqlite3
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -22,7 +23,11 @@ from agent.poller import Poller, PollResult
 from agent.templates import Templates
 from sinks.base import SinkError
 from sources.base import SourceError
+from state.base import LedgerError
 from state.ledger import Execution, Finish, Ledger
+
+
+LEDGER_RETRY = 10.0  # seconds between tries while the ledger cannot be written
 
 
 def build(cls: type, cfg: Any, available: dict[str, Any], where: str, file: str) -> Any:
@@ -71,6 +76,7 @@ class Agent:
         self.config = config
         self.clock = clock
         self.stopping = threading.Event()
+        self._unsettled = False  # a write failed: some steps may have been sent without their outcome recorded
         templates = Templates()
         self.sources, self.connectors = build_plugins(config, clock=clock, session_factory=session_factory)
         self.failpoint = failpoints.from_env()
@@ -149,18 +155,34 @@ class Agent:
             job = scheduler.every().day.at(cfg.at, cfg.timezone) if cfg.at else scheduler.every(cfg.every).seconds
             job.do(self._scheduled_poll, name)
         logger.info("agent running: {} source(s), {} flow(s), ledger {}", len(self.sources), len(self.config.flows), self.config.ledger_path)
-        self.poll_all()
+        self._guarded(self.poll_all)
         while not self.stopping.is_set():
-            scheduler.run_pending()
-            self.drain()
+            self._guarded(scheduler.run_pending)
+            if self._guarded(self.drain) is False:
+                self.stopping.wait(LEDGER_RETRY)
+                continue
             self.stopping.wait(self._sleep_for(scheduler, idle))
         logger.info("agent stopped")
+
+    def _guarded(self, work: Callable[[], Any]) -> Any:
+        """Run work; a ledger that cannot be written (disk full, locked) is survived: nothing is sent meanwhile."""
+        try:
+            if self._unsettled:
+                self.ledger.recover(self.clock())  # steps whose outcome could not be recorded run again, same keys
+                self._unsettled = False
+            return work()
+        except LedgerError as error:
+            self._unsettled = True
+            logger.error("the ledger cannot be written: {} — nothing is sent until it can; trying again in {:.0f}s", error, LEDGER_RETRY)
+            return False
 
     def _scheduled_poll(self, name: str) -> None:
         if self.stopping.is_set():
             return
         try:
             self.poll(name)
+        except LedgerError:
+            raise  # the run loop survives it and says so
         except Exception:  # schedule lets a job's exception escape run_pending(); one bad poll must not stop the agent
             logger.exception("poll of {} failed unexpectedly", name)
 
@@ -168,7 +190,10 @@ class Agent:
         waits = [idle]
         if scheduler.idle_seconds is not None:
             waits.append(scheduler.idle_seconds)
-        due = self.ledger.next_due()
+        try:
+            due = self.ledger.next_due()
+        except sqlite3.Error:
+            due = None
         if due is not None:
             waits.append(due - self.clock())
         return max(0.05, min(waits))
