@@ -166,6 +166,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     with _readonly(config) as ledger:
         known = ledger.sources()
         counts = ledger.counts()
+        paused = ledger.pause_reasons()
     report: dict[str, Any] = {"sources": {}, "flows": {}}
     unhealthy = False
     for name, cfg in config.sources.items():
@@ -182,6 +183,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     for flow in config.flows:
         c = counts.get(flow.name, {})
         report["flows"][flow.name] = {s: c.get(s, 0) for s in ("pending", "running", "retrying", "paused", "succeeded", "filtered", "superseded", "failed", "dead")}
+        if flow.name in paused:
+            report["flows"][flow.name]["paused_because"] = paused[flow.name]
         unhealthy |= bool(c.get("dead"))
     if args.json:
         print(json.dumps(report, indent=2))
@@ -200,7 +203,9 @@ def _print_status(report: dict) -> None:
             print(f"  {'':<16} last error: {s['last_error']}")
     print("flows:")
     for name, c in report["flows"].items():
-        print(f"  {name:<24} " + "  ".join(f"{k} {v}" for k, v in c.items()))
+        print(f"  {name:<24} " + "  ".join(f"{k} {v}" for k, v in c.items() if k != "paused_because"))
+        if "paused_because" in c:
+            print(f"  {'':<24} PAUSED: {c['paused_because']}")
 
 
 def cmd_executions(config: Config, args: argparse.Namespace) -> int:

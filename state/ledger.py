@@ -510,6 +510,11 @@ class Ledger:
                 )
         return len(rows)
 
+    def pause_reasons(self) -> dict[str, str]:
+        """flow -> the latest error of its paused executions (why a connector waits)."""
+        rows = self.conn.execute("SELECT flow, last_error FROM executions WHERE status = 'paused' ORDER BY updated")
+        return {flow: error for flow, error in rows}
+
     def counts(self) -> dict[str, dict[str, int]]:
         """flow -> status -> number of executions."""
         out: dict[str, dict[str, int]] = {}

@@ -113,3 +113,16 @@ def test_unknown_source_for_poll_is_a_usage_error(tmp_path, sink):
         cfg = write_config(tmp_path, view, sink)
     result = agent(cfg, "poll", "nope")
     assert result.returncode == 2 and "unknown source 'nope' (known: leads)" in result.stderr
+
+
+def test_status_shows_a_paused_connector_and_why(tmp_path, sink):
+    sink.fail_when(lambda request: True, 401)
+    with ViewServer(make_leads(12), username="integration", password=PASSWORD) as view:
+        cfg = write_config(tmp_path, view, sink)
+        run = agent(cfg, "run", "--once")
+        assert run.returncode == 0 and "waiting: 12" in run.stdout  # paused work waits; it has not failed
+        assert run.stderr.count("PAUSED") == 1  # said loudly, once
+    assert len(sink.requests) <= 4  # at most the calls already in flight (concurrency 4), not one per record
+    report = json.loads(agent(cfg, "status", "--json").stdout)["flows"]["leads-to-crm"]
+    assert report["paused"] == 12 and "401" in report["paused_because"]
+    assert "PAUSED" in agent(cfg, "status").stdout
