@@ -17,6 +17,7 @@ Errors, named by what the caller does next::
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterator, Literal, Protocol
@@ -85,6 +86,22 @@ class SourceConfig(BaseModel):
     window: Seconds | None = None
     overlap: Seconds = 60.0
     max_record_bytes: int = 16 * 1024 * 1024
+
+
+def parse_json(raw: bytes, what: str, page: int, excerpt: str = "") -> Any:
+    """Strict UTF-8, then JSON; every failure a PageError starting with `what` ("file.json:", "page 2 of GET …: body is").
+
+    Lone surrogates pass (the agent quarantines those records)."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PageError(f"{what} not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})", page=page) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PageError(f"{what} not JSON ({exc.msg}; line {exc.lineno} column {exc.colno}){': ' + excerpt if excerpt else ''}", page=page) from None
+    except (ValueError, RecursionError) as exc:
+        raise PageError(f"{what} not usable JSON ({type(exc).__name__}: {str(exc)[:120]})", page=page) from None
 
 
 def dig(body: Any, path: str) -> Any:

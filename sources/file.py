@@ -18,21 +18,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import Field
 
-from sources.base import Page, PageError, SourceConfig, dig
-
-
-def _load(raw: bytes, what: str, page: int) -> Any:
-    """Strict UTF-8, then JSON; every failure a PageError naming `what`."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PageError(f"{what}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})", page=page) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PageError(f"{what}: not JSON ({exc.msg}; line {exc.lineno} column {exc.colno})", page=page) from None
-    except (ValueError, RecursionError) as exc:
-        raise PageError(f"{what}: not usable JSON ({type(exc).__name__}: {str(exc)[:120]})", page=page) from None
+from sources.base import Page, PageError, SourceConfig, dig, parse_json
 
 
 class FileSource:
@@ -60,7 +46,7 @@ class FileSource:
 
     def _body(self) -> Iterator[Page]:
         """The whole file as one view body: one page."""
-        body = _load(self.path.read_bytes(), str(self.path), 1)
+        body = parse_json(self.path.read_bytes(), f"{self.path}:", 1)
         path = self.config.records
         try:
             records = dig(body, path)
@@ -78,7 +64,7 @@ class FileSource:
             for line_number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
-                records.append(_load(line, f"{self.path} line {line_number}", number))
+                records.append(parse_json(line, f"{self.path} line {line_number}:", number))
                 if len(records) == self.config.page_size:
                     yield Page(number, records, f"{self.path} lines {first}-{line_number}")
                     number, records, first = number + 1, [], line_number + 1

@@ -29,7 +29,7 @@ import requests
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sources.base import Page, PageError, Seconds, SourceConfig, dig
+from sources.base import Page, PageError, Seconds, SourceConfig, dig, parse_json
 
 
 @dataclass
@@ -238,21 +238,7 @@ class RestSource:
             raise PageError(f"{where}: HTTP {status} redirect to {target}; redirects are not followed, put the final URL in the config", page=number, status=status)
         if not 200 <= status < 300:
             raise PageError(f"{where}: HTTP {status} {reason or ''}: {_excerpt(content)}", page=number, status=status)
-        return Response(number, url, self._parse(content, where, number), links, 0)
-
-    @staticmethod
-    def _parse(content: bytes, where: str, number: int) -> Any:
-        """Strict UTF-8, then JSON; lone surrogates in strings pass through for the agent to quarantine."""
-        try:
-            text = content.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise PageError(f"{where}: body is not UTF-8 (byte 0x{content[exc.start]:02x} at offset {exc.start})", page=number) from None
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PageError(f"{where}: body is not JSON ({exc.msg}; line {exc.lineno} column {exc.colno}): {_excerpt(content)}", page=number) from None
-        except (ValueError, RecursionError) as exc:
-            raise PageError(f"{where}: body is not usable JSON ({type(exc).__name__}: {str(exc)[:120]})", page=number) from None
+        return Response(number, url, parse_json(content, f"{where}: body is", number, _excerpt(content)), links, 0)
 
     def _records(self, body: Any, number: int, url: str) -> list[Any]:
         """The list at the configured `records` path."""
