@@ -180,7 +180,9 @@ class HttpConnector:
         if isinstance(lookup.output, str):
             return Outcome("failed", error=f"GET {obj.path}: the lookup answered text, not JSON; check the object's path", status_code=lookup.status_code, condition="lookup")
         if found(lookup.output, obj.key, k):
-            return self._request("PATCH", item, key, json=body)
+            # A derived key, still stable across retries: when a create's answer was lost, the retry finds the
+            # record and patches it; strict servers refuse one key reused for a different request.
+            return self._request("PATCH", item, f"{key}-update", json=body)
         return self._request("POST", obj.path, key, json=body)
 
     def _request(self, method: str, path: str, key: str, *, json: Any = None, params: dict | None = None) -> Outcome:

@@ -128,7 +128,8 @@ def test_every_request_carries_the_idempotency_key(crm, sink):
         crm.run(leads(verb), {"body": {**LEAD, "email": "x@example.invalid"} if verb == "create" else LEAD}, KEY)
     crm.run(Action("hooks", "send"), {"body": {}}, KEY)
     assert len(sink.requests) == 9  # upsert is two requests
-    assert {r["headers"].get("Idempotency-Key") for r in sink.requests} == {KEY}
+    keys = [r["headers"].get("Idempotency-Key") for r in sink.requests]
+    assert set(keys) == {KEY, f"{KEY}-update"} and keys.count(f"{KEY}-update") == 1  # the upsert's PATCH: a derived key
 
 
 def test_custom_idempotency_header_and_static_headers(sink, session):
@@ -175,14 +176,14 @@ def test_scripted_429_carries_retry_after(crm, sink):
     assert crm.run(leads("create"), {"body": LEAD}, KEY).status == "succeeded"
 
 
-@pytest.mark.xfail(strict=True, reason="design: upsert reuses one key for POST then PATCH; strict servers answer 422")
 def test_upsert_retried_after_a_lost_create_at_a_strict_sink(session):
     with SinkServer(strict_keys=True) as strict:
         crm = make(strict.url, session)
         strict.drop_after_accept(1)
         assert crm.run(leads("upsert"), {"body": LEAD}, KEY).condition == "connection"
-        retry = crm.run(leads("upsert"), {"body": LEAD}, KEY)  # the lookup now finds the record: PATCH, same key
+        retry = crm.run(leads("upsert"), {"body": LEAD}, KEY)  # the lookup now finds the record: PATCH, derived key
         assert retry.status == "succeeded", retry.error
+        assert strict.requests[-1]["headers"]["Idempotency-Key"] == f"{KEY}-update"
 
 
 def test_upsert_stops_when_the_lookup_fails(crm, sink):
@@ -376,7 +377,7 @@ def test_upsert_reads_the_lookup(mocked, lookup, write):
     outcome = crm.run(leads("upsert"), {"body": LEAD}, KEY)
     assert outcome.status == "succeeded"
     assert [c.request.method for c in rsps.calls] == ["GET", write]
-    assert {c.request.headers["Idempotency-Key"] for c in rsps.calls} == {KEY}
+    assert [c.request.headers["Idempotency-Key"] for c in rsps.calls] == [KEY, KEY if write == "POST" else f"{KEY}-update"]
 
 
 def test_upsert_creates_after_a_404_lookup(mocked):
