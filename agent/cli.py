@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="poll every source once, deliver everything due, print a summary, exit")
     poll = sub.add_parser("poll", help="poll one source now (and deliver what it admitted)")
     poll.add_argument("source")
-    status = sub.add_parser("status", help="sources and flows at a glance; exit 1 when a source is stale or anything is dead")
+    status = sub.add_parser("status", help="sources and flows at a glance; exit 1 when a source is stale, or work is dead or paused")
     status.add_argument("--json", action="store_true")
     ex = sub.add_parser("executions", help="list executions with their last error (or one with its attempts)")
     ex.add_argument("id", nargs="?", type=int, help="show this execution's attempts")
@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--flow")
     ex.add_argument("--limit", type=int, default=200)
     ex.add_argument("--json", action="store_true")
-    retry = sub.add_parser("retry", help="re-queue failed or dead executions (same idempotency key)")
+    retry = sub.add_parser("retry", help="re-queue failed, dead or paused executions now (same idempotency key)")
     retry.add_argument("ids", nargs="*", type=int)
     retry.add_argument("--dead", action="store_true", help="re-queue every dead execution")
     retry.add_argument("--json", action="store_true")
@@ -137,12 +137,13 @@ def _on_stop(agent) -> None:
 
 def _once(agent, polls) -> int:
     drained = agent.drain()
-    waiting = agent.waiting()
+    waiting, paused = agent.waiting()
     failed_polls = [p for p in polls if p.error]
     summary = {
         "polled": len(polls), "failed_polls": len(failed_polls), "fetched": sum(p.fetched for p in polls),
         "new": sum(p.new for p in polls), "primed": sum(p.primed for p in polls), "quarantined": sum(p.quarantined for p in polls),
-        "filtered": drained.filtered, "sent": drained.sent, "failed": drained.failed + drained.dead, "waiting": waiting,
+        "filtered": drained.filtered, "sent": drained.sent, "failed": drained.failed + drained.dead,
+        "paused": paused, "waiting": waiting,
     }
     print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in summary.items()))
     for poll in failed_polls:
@@ -185,7 +186,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         report["flows"][flow.name] = {s: c.get(s, 0) for s in ("pending", "running", "retrying", "paused", "succeeded", "filtered", "superseded", "failed", "dead")}
         if flow.name in paused:
             report["flows"][flow.name]["paused_because"] = paused[flow.name]
-        unhealthy |= bool(c.get("dead"))
+        unhealthy |= bool(c.get("dead") or c.get("paused"))  # a paused connector needs an operator: say so to health checks
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -252,9 +253,9 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
         found = ledger.requeue(args.ids, time.time(), dead=args.dead)
     missing = sorted(set(args.ids) - set(found))
     if args.json:
-        print(json.dumps({"requeued": found, "not_failed_or_dead": missing}))
+        print(json.dumps({"requeued": found, "left_alone": missing}))
     else:
-        print(f"re-queued {len(found)} execution(s)" + (f"; not failed or dead (left alone): {', '.join(map(str, missing))}" if missing else ""))
+        print(f"re-queued {len(found)} execution(s)" + (f"; not failed, dead or paused (left alone): {', '.join(map(str, missing))}" if missing else ""))
     return FAILED if missing else OK
 
 

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from agent.config import ActionStep, Config, FilterStep, FlowConfig, MapStep
 from agent.retry import RetryPolicy
-from agent.templates import RenderError, Templates
+from agent.templates import RenderError, Templates, split_outside_tags
 from sinks.base import Action, Connector, Outcome
 from state.ledger import Execution, Finish
 
@@ -106,8 +106,10 @@ class FlowRunner:
         data = {}
         for name, template in step.inputs.items():
             field = model.model_fields.get(name)
-            extra = (field.json_schema_extra if field else None) or {}
-            data[name] = self.templates.render(template, values, autoescape=bool(isinstance(extra, dict) and extra.get("autoescape")))
+            extra = field.json_schema_extra if field and isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("addresses") and isinstance(template, str):
+                template = split_outside_tags(template)  # one configured piece, one address: data cannot add one
+            data[name] = self.templates.render(template, values, autoescape=bool(extra.get("autoescape")))
         if "body" in model.model_fields:
             if step.body == "mapped" or (step.body is None and values["mapped"] is not None):
                 if values["mapped"] is None:

@@ -88,6 +88,7 @@ class Agent:
         recovered = self.ledger.recover(clock())
         if recovered:
             logger.warning("{} execution(s) were interrupted by a stop; they are due again now, with the same idempotency keys", recovered)
+        self.ledger.wake_paused(clock())  # a restart is often the fix (a new password): probe paused work at once
 
     def close(self) -> None:
         for connector in self.connectors.values():
@@ -144,9 +145,11 @@ class Agent:
         if finish.status in ("failed", "dead") and finish.error:
             result.errors.append(f"execution {ex.id} ({ex.flow}, record {ex.key}): {finish.error}")
 
-    def waiting(self) -> int:
+    def waiting(self) -> tuple[int, int]:
+        """(executions waiting for their time, of which paused)."""
         counts = self.ledger.counts()
-        return sum(n for flow in counts.values() for status, n in flow.items() if status in ("pending", "retrying", "paused"))
+        waiting = sum(n for flow in counts.values() for status, n in flow.items() if status in ("pending", "retrying", "paused"))
+        return waiting, sum(flow.get("paused", 0) for flow in counts.values())
 
     def run_forever(self, idle: float = 5.0) -> None:
         """Poll at start and on each source's schedule; deliver continuously until ``stopping`` is set."""

@@ -41,6 +41,25 @@ def _environment(autoescape: bool) -> SandboxedEnvironment:
     return env
 
 
+_TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.S)
+
+
+def split_outside_tags(template: str, sep: str = ",") -> list[str]:
+    """'a@x, {{ record.Email }}' -> ['a@x', '{{ record.Email }}']: split on separators outside {{ }}, {% %}, {# #}."""
+    pieces, start, pos = [], 0, 0
+    while pos < len(template):
+        tag = _TAG.match(template, pos)
+        if tag:
+            pos = tag.end()
+        elif template[pos] == sep:
+            pieces.append(template[start:pos])
+            start = pos = pos + 1
+        else:
+            pos += 1
+    pieces.append(template[start:])
+    return [p.strip() for p in pieces if p.strip()]
+
+
 class Templates:
     """Compiles (once) and renders config templates; ``autoescape`` for HTML fields."""
 

@@ -53,7 +53,9 @@ def check_sender(value: str) -> str:
 
 
 Sender = Annotated[str, AfterValidator(check_sender)]
-Addresses = str | list[str]
+# `addresses`: the agent splits a configured "a@x, {{ record.Email }}" on its commas BEFORE rendering, so a
+# comma inside record data can never add a recipient (each piece must render to exactly one address)
+Addresses = Annotated[str | list[str], Field(json_schema_extra={"addresses": True})]
 
 
 class MessageInput(BaseModel):
@@ -63,9 +65,9 @@ class MessageInput(BaseModel):
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
     to: Addresses
-    cc: Addresses = []
-    bcc: Addresses = []
-    reply_to: Addresses = []
+    cc: Addresses = Field([], json_schema_extra={"addresses": True})
+    bcc: Addresses = Field([], json_schema_extra={"addresses": True})
+    reply_to: Addresses = Field([], json_schema_extra={"addresses": True})
     subject: str
     text: str | None = None
     html: str | None = Field(None, json_schema_extra={"autoescape": True})

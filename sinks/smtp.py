@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from sinks.base import Action, ActionError, ConnectorConfig, Outcome, Seconds, SinkError
 from sinks.message import SEND, InvalidMessage, Mail, MessageInput, Sender, compose
 
+REFUSAL_HOLD = 30.0  # seconds a refused login/TLS answers `paused` without connecting (below the agent's 60 s probe)
 _AUTH_CODES = {530, 534, 535, 538}  # authentication required, too weak, failed, needs encryption
 _PRECEDENCE = ("paused", "retryable", "failed")
 
@@ -91,6 +92,7 @@ class SmtpConnector:
         self._factory = smtp_factory or connect
         self._context = _tls_context(config, base_dir)
         self._lock = threading.Lock()
+        self._refusal: tuple[float, Outcome] | None = None  # (until, outcome) after an auth/TLS refusal
         self._smtp: smtplib.SMTP | None = None
         self._server = f"{config.host}:{config.port}"
 
@@ -103,12 +105,17 @@ class SmtpConnector:
         except InvalidMessage as exc:
             return Outcome("failed", error=str(exc))
         with self._lock:
+            if self._refusal is not None and self._clock() < self._refusal[0]:
+                return self._refusal[1]  # calls queued behind a refused login do not log in again
             try:
                 refused = self._send(mail)
             except OSError as exc:  # SMTPException, ssl.SSLError and TimeoutError included
                 if not isinstance(exc, (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused)):
                     self._discard()  # a reply leaves the session usable (smtplib sent RSET); anything else may not
-                return self._outcome(exc)
+                outcome = self._outcome(exc)
+                self._refusal = (self._clock() + REFUSAL_HOLD, outcome) if outcome.status == "paused" else None
+                return outcome
+            self._refusal = None
         output = {"message_id": mail.message_id, "refused": {addr: _reply_text(code, text) for addr, (code, text) in refused.items()}}
         return Outcome.ok(output, status_code=250)
 

@@ -471,13 +471,13 @@ class Ledger:
         return self._rows(sql + (" WHERE source = ?" if source else "") + " ORDER BY first_seen", (source,) if source else ())
 
     def requeue(self, ids: list[int] | None, now: float, *, dead: bool = False) -> list[int]:
-        """Make failed or dead executions due again with the same idempotency key."""
+        """Make failed, dead or paused executions due again with the same idempotency key."""
         with self.write() as conn:
             if dead:
                 rows = conn.execute("SELECT id FROM executions WHERE status = 'dead'").fetchall()
             else:
                 marks = ",".join("?" * len(ids or []))
-                rows = conn.execute(f"SELECT id FROM executions WHERE status IN ('failed', 'dead') AND id IN ({marks})", tuple(ids or [])).fetchall()
+                rows = conn.execute(f"SELECT id FROM executions WHERE status IN ('failed', 'dead', 'paused') AND id IN ({marks})", tuple(ids or [])).fetchall()
             found = [r[0] for r in rows]
             conn.executemany(
                 "UPDATE executions SET status = 'retrying', attempts = 0, first_attempt = NULL, next_at = ?, updated = ? WHERE id = ?",

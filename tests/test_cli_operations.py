@@ -47,7 +47,7 @@ def test_retry_of_an_execution_that_is_not_failed_changes_nothing(tmp_path, sink
         cfg = write_config(tmp_path, view, sink)
         agent(cfg, "run", "--once")
         result = agent(cfg, "retry", "1")
-    assert result.returncode == 1 and "not failed or dead (left alone): 1" in result.stdout
+    assert result.returncode == 1 and "not failed, dead or paused (left alone): 1" in result.stdout
     assert agent(cfg, "retry").returncode == 2
 
 
@@ -120,9 +120,10 @@ def test_status_shows_a_paused_connector_and_why(tmp_path, sink):
     with ViewServer(make_leads(12), username="integration", password=PASSWORD) as view:
         cfg = write_config(tmp_path, view, sink)
         run = agent(cfg, "run", "--once")
-        assert run.returncode == 0 and "waiting: 12" in run.stdout  # paused work waits; it has not failed
+        assert run.returncode == 0 and "paused: 12, waiting: 12" in run.stdout  # paused work waits; it has not failed
         assert run.stderr.count("PAUSED") == 1  # said loudly, once
     assert len(sink.requests) <= 4  # at most the calls already in flight (concurrency 4), not one per record
     report = json.loads(agent(cfg, "status", "--json").stdout)["flows"]["leads-to-crm"]
     assert report["paused"] == 12 and "401" in report["paused_because"]
-    assert "PAUSED" in agent(cfg, "status").stdout
+    status = agent(cfg, "status")
+    assert "PAUSED" in status.stdout and status.returncode == 1  # a health check sees it

@@ -14,11 +14,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from agent.flows import idempotency_key
+from state.ledger import Ledger
 from smtpserver import SmtpServer, make_certificate
 from viewserver import ViewServer, make_leads, update
 
@@ -47,9 +49,16 @@ def summary(result: subprocess.CompletedProcess) -> dict[str, int]:
 
 
 def executions(cfg: Path, *args: str) -> list[dict]:
+    """``agent executions --json ARGS``, parsed."""
     listing = agent(cfg, "executions", "--json", *args)
     assert listing.returncode == 0, listing.stderr
     return json.loads(listing.stdout)
+
+
+def ledger_rows(cfg: Path, status: str | None = None) -> list[dict]:
+    """What ``agent executions --json`` lists, read through the same Ledger call in-process (a subprocess costs ~0.5 s)."""
+    with Ledger(cfg.parent / "var" / "agent.db", hold=False) as ledger:
+        return ledger.executions(status=status)
 
 
 def message_id(key: str, flow: str = FLOW, step: int = 0) -> str:
@@ -123,7 +132,7 @@ Email: {{ record.Email }}
 \"\"\"
   html = \"\"\"<p><b>{{ record.FirstName }} {{ record.LastName }}</b> ({{ record.Company }}) registered.</p>
 \"\"\"
-  retry = { attempts = 3, interval = "300ms", jitter = false }
+  retry = { attempts = 3, interval = "500ms", jitter = false }
 """
 
 
@@ -173,7 +182,7 @@ def test_the_repo_config_writes_one_readable_email_per_lead_and_none_the_second_
     first = agent(tmp_path / "agent.toml", "run", "--once")
 
     assert first.returncode == 0, first.stderr
-    assert summary(first)["failed"] == 0 and summary(first)["waiting"] == 0
+    assert (summary(first)["filtered"], summary(first)["sent"], summary(first)["failed"], summary(first)["waiting"]) == (4, 2 * 23, 0, 0)
     files = sorted(inbox.iterdir())
     assert len(files) == len(leads) == 23
     by_id = {}
@@ -202,14 +211,12 @@ def test_the_repo_config_writes_one_readable_email_per_lead_and_none_the_second_
     assert sorted(inbox.iterdir()) == files
 
 
-# -- 2. a REST view into SMTP with AUTH, plain and STARTTLS -----------------------------------------------------------------
+# -- 2. a REST view into SMTP with STARTTLS (a private CA) and AUTH; AUTH in clear is in test 3 -----------------------------
 
-@pytest.mark.parametrize("security", ["none", "starttls"])
-def test_view_to_smtp_sends_each_version_once(tmp_path, certificate, security):
-    tls = security == "starttls"
+def test_view_to_smtp_sends_each_version_once(tmp_path, certificate):
     with ViewServer(make_leads(4), username="integration", password=VIEW_PASSWORD) as view, \
-            SmtpServer(auth=("agent", SMTP_PASSWORD), certificate=certificate if tls else None) as smtp:
-        connector = smtp_connector(smtp, security=security, auth=True, ca_file=trust(tmp_path, certificate) if tls else None)
+            SmtpServer(auth=("agent", SMTP_PASSWORD), certificate=certificate) as smtp:
+        connector = smtp_connector(smtp, security="starttls", auth=True, ca_file=trust(tmp_path, certificate))
         cfg = write_config(tmp_path, rest_source(view), connector)
 
         first = agent(cfg, "run", "--once")
@@ -245,55 +252,60 @@ def test_view_to_smtp_sends_each_version_once(tmp_path, certificate, security):
 
 # -- 3. transient and permanent replies -----------------------------------------------------------------
 
-@pytest.mark.parametrize("reply", ["451 4.3.0 mailbox busy, try later", "421 4.3.2 service shutting down"])
-def test_a_transient_reply_waits_then_delivers_once_with_the_same_message_id(tmp_path, reply):
-    [lead] = make_leads(1)
-    with RecordingSmtpServer() as smtp:
-        smtp.reply_next(1, reply)
-        cfg = write_config(tmp_path, file_source(tmp_path, [lead]), smtp_connector(smtp))
+def test_transient_replies_wait_then_deliver_once_with_the_same_message_id(tmp_path):
+    leads = make_leads(2)
+    ids = [message_id(lead["lastSubmissionID"]) for lead in leads]
+    with RecordingSmtpServer(auth=("agent", SMTP_PASSWORD)) as smtp:  # AUTH without TLS, as the server allows it
+        smtp.reply_next(1, "451 4.3.0 mailbox busy, try later")
+        smtp.reply_next(1, "421 4.3.2 service shutting down")  # smtplib closes the connection on a 421
+        # one at a time: the first record meets the 451, the second the 421
+        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp, auth=True), concurrency=1)
 
         first = agent(cfg, "run", "--once")
 
-        assert first.returncode == 0, first.stderr  # a retry waiting for its time is not a failure
-        assert (summary(first)["sent"], summary(first)["failed"], summary(first)["waiting"]) == (0, 0, 1)
-        [row] = executions(cfg)
-        assert (row["status"], row["attempts"]) == ("retrying", 1) and reply in row["last_error"]
-        assert smtp.messages == [] and len(smtp.data) == 1
+        assert first.returncode == 0, first.stderr  # retries waiting for their time are not failures
+        assert (summary(first)["sent"], summary(first)["failed"], summary(first)["waiting"]) == (0, 0, 2)
+        rows = ledger_rows(cfg)
+        assert [(r["key"], r["status"], r["attempts"]) for r in rows] == [(lead["lastSubmissionID"], "retrying", 1) for lead in leads]
+        assert "451 4.3.0 mailbox busy, try later" in rows[0]["last_error"] and "421 4.3.2 service shutting down" in rows[1]["last_error"]
+        assert smtp.messages == [] and [parse(raw)["Message-ID"] for raw in smtp.data] == ids
 
-        time.sleep(max(0.0, row["next_at"] - time.time()) + 0.02)
+        time.sleep(max(0.0, max(r["next_at"] for r in rows) - time.time()) + 0.01)
         second = agent(cfg, "run", "--once")
 
         assert second.returncode == 0, second.stderr
-        assert (summary(second)["sent"], summary(second)["waiting"]) == (1, 0)
-        [received] = smtp.messages
-        assert len(smtp.data) == 2
-        assert [parse(raw)["Message-ID"] for raw in smtp.data] == [message_id(lead["lastSubmissionID"])] * 2
-        assert received.message["Message-ID"] == message_id(lead["lastSubmissionID"])
-        [row] = executions(cfg)
-        assert row["status"] == "succeeded"
+        assert (summary(second)["sent"], summary(second)["waiting"]) == (2, 0)
+        assert sorted(m.message["Message-ID"] for m in smtp.messages) == sorted(ids)  # delivered once each
+        assert sorted(parse(raw)["Message-ID"] for raw in smtp.data) == sorted(ids * 2)  # the retry carried the same Message-ID
+        assert [r["status"] for r in ledger_rows(cfg)] == ["succeeded"] * 2
+        assert smtp.logins == ["agent", "agent"]  # once per run: each run opened one connection
 
 
-@pytest.mark.parametrize("reply, at", [("550 5.7.1 message refused by policy", "DATA"), ("550 5.1.1 no such user here", "RCPT")])
-def test_a_permanent_reply_fails_keeps_the_reply_and_is_not_retried(tmp_path, reply, at):
-    [lead] = make_leads(1)
+def test_permanent_replies_fail_keep_the_reply_and_are_not_retried(tmp_path):
+    leads = make_leads(2)
     with RecordingSmtpServer() as smtp:
-        smtp.reply_next(1, reply, at=at)
-        cfg = write_config(tmp_path, file_source(tmp_path, [lead]), smtp_connector(smtp))
+        smtp.reply_next(1, "550 5.1.1 no such user here", at="RCPT")
+        smtp.reply_next(1, "550 5.7.1 message refused by policy", at="DATA")
+        # one at a time: the first record meets the RCPT refusal, the second (past RCPT) the DATA refusal
+        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp), concurrency=1)
 
         first = agent(cfg, "run", "--once")
 
         assert first.returncode == 1, first.stderr
-        assert (summary(first)["sent"], summary(first)["failed"], summary(first)["waiting"]) == (0, 1, 0)
-        assert reply in first.stdout
-        [row] = executions(cfg, "--status", "failed")
-        assert row["attempts"] == 1 and reply in row["last_error"]
+        assert (summary(first)["sent"], summary(first)["failed"], summary(first)["waiting"]) == (0, 2, 0)
+        assert "550 5.1.1 no such user here" in first.stdout and "550 5.7.1 message refused by policy" in first.stdout
+        failed = {r["key"]: r for r in executions(cfg, "--status", "failed")}
+        assert set(failed) == {lead["lastSubmissionID"] for lead in leads}
+        assert "550 5.1.1 no such user here" in failed[leads[0]["lastSubmissionID"]]["last_error"]
+        assert "550 5.7.1 message refused by policy" in failed[leads[1]["lastSubmissionID"]]["last_error"]
+        assert [r["attempts"] for r in failed.values()] == [1, 1]
 
         second = agent(cfg, "run", "--once")  # the server would accept now: a retry would show
 
         assert second.returncode == 0, second.stderr
         assert (summary(second)["sent"], summary(second)["failed"]) == (0, 0)
-        assert smtp.messages == [] and smtp.commands[at] == 1
-        assert [r["status"] for r in executions(cfg)] == ["failed"]
+        assert smtp.messages == [] and smtp.commands == Counter({"MAIL": 2, "RCPT": 2, "DATA": 1})
+        assert [r["status"] for r in ledger_rows(cfg)] == ["failed"] * 2
 
 
 # -- 4. credential and TLS problems pause -----------------------------------------------------------------
@@ -302,7 +314,7 @@ def test_a_rejected_password_pauses_without_spending_attempts(tmp_path):
     wrong = "wrong-pa55-Jd9vQ"
     leads = make_leads(3)
     with SmtpServer(auth=("agent", SMTP_PASSWORD)) as smtp:
-        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp, auth=True))
+        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp, auth=True), concurrency=1)
 
         result = agent(cfg, "run", "--once", env={"SMTP_PASSWORD": wrong})
 
@@ -310,29 +322,27 @@ def test_a_rejected_password_pauses_without_spending_attempts(tmp_path):
         assert result.returncode == 0, result.stderr
         assert (summary(result)["sent"], summary(result)["failed"], summary(result)["waiting"]) == (0, 0, 3)
         assert "paused" in result.stderr.lower() and "535" in result.stderr
-        rows = executions(cfg)
+        rows = ledger_rows(cfg)
         assert [(r["status"], r["attempts"]) for r in rows] == [("paused", 0)] * 3
         assert all("535" in r["last_error"] and "check username, password and security" in r["last_error"] for r in rows)
         status = agent(cfg, "status", "--json")
-        assert status.returncode == 0, status.stderr  # paused is not "dead": the health check passes (see the report)
+        assert status.returncode == 1, status.stderr  # a paused connector needs an operator: the health check fails
         assert json.loads(status.stdout)["flows"][FLOW]["paused"] == 3
         assert smtp.messages == [] and smtp.logins == []
+        assert smtp.connections == 1  # the connector paused: the other records did not try the refused password again
         for text in (result.stdout, result.stderr, status.stdout, json.dumps(rows)):
             assert wrong not in text and SMTP_PASSWORD not in text
 
 
-@pytest.mark.parametrize("concurrency", [1, pytest.param(4, marks=pytest.mark.xfail(strict=True, reason=(
-    "BUG: the connector-level pause (FlowRunner._held) is checked before the call, outside the connector's lock: "
-    "every execution already in flight (up to `concurrency`) logs in again with the password the server refused")))])
-def test_a_rejected_password_is_tried_once_per_run_not_once_per_record(tmp_path, concurrency):
+def test_a_rejected_password_is_tried_once_even_with_deliveries_in_flight(tmp_path):
     leads = make_leads(3)
     with SmtpServer(auth=("agent", SMTP_PASSWORD)) as smtp:
-        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp, auth=True), concurrency=concurrency)
+        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp, auth=True), concurrency=4)
 
         result = agent(cfg, "run", "--once", env={"SMTP_PASSWORD": "wrong-pa55-Jd9vQ"})
 
         assert result.returncode == 0, result.stderr
-        assert [r["status"] for r in executions(cfg)] == ["paused"] * 3
+        assert [r["status"] for r in ledger_rows(cfg)] == ["paused"] * 3
         assert smtp.connections == 1, f"{smtp.connections} logins with a password the server already refused"
 
 
@@ -345,7 +355,7 @@ def test_starttls_to_an_untrusted_certificate_pauses_by_default(tmp_path, certif
 
         assert result.returncode == 0, result.stderr
         assert (summary(result)["sent"], summary(result)["failed"], summary(result)["waiting"]) == (0, 0, 2)
-        rows = executions(cfg)
+        rows = ledger_rows(cfg)
         assert [(r["status"], r["attempts"]) for r in rows] == [("paused", 0)] * 2
         assert all("TLS certificate not trusted" in r["last_error"] and "ca_file" in r["last_error"] for r in rows)
         assert smtp.messages == []
@@ -372,7 +382,7 @@ def test_a_crash_after_smtp_accepted_resends_with_the_same_message_id(tmp_path):
         ids = Counter(m.message["Message-ID"] for m in smtp.messages)
         assert ids == Counter({message_id(leads[0]["lastSubmissionID"]): 2, message_id(leads[1]["lastSubmissionID"]): 1,
                                message_id(leads[2]["lastSubmissionID"]): 1})
-        assert [r["status"] for r in executions(cfg)] == ["succeeded"] * 3
+        assert [r["status"] for r in ledger_rows(cfg)] == ["succeeded"] * 3
 
 
 def test_a_crash_after_the_maildir_write_does_not_write_it_twice(tmp_path):
@@ -390,45 +400,49 @@ def test_a_crash_after_the_maildir_write_does_not_write_it_twice(tmp_path):
     assert again.returncode == 0, again.stderr
     ids = Counter(parse(p.read_bytes())["Message-ID"] for p in inbox.iterdir())
     assert ids == Counter({message_id(lead["lastSubmissionID"]): 1 for lead in leads})
-    assert [r["status"] for r in executions(cfg)] == ["succeeded"] * 3
+    assert summary(again)["sent"] == 3  # the skipped duplicate counts as sent (see the report)
+    assert [r["status"] for r in ledger_rows(cfg)] == ["succeeded"] * 3
 
 
 # -- 6. record data cannot inject headers or recipients -----------------------------------------------------------------
 
 def test_record_data_cannot_inject_headers_or_recipients_and_html_is_escaped(tmp_path):
-    leads = make_leads(6)
+    leads = make_leads(8)
+    for lead in leads:
+        lead["ReplyTo"] = lead["Email"]
     evil = "evil@x.invalid"
     leads[0]["FirstName"] = f"Eve\r\nBcc: {evil}"
     leads[1]["FirstName"] = f"=?UTF-8?Q?=0A?=Bcc: {evil}"
     leads[2]["Email"] = f"ok@example.invalid, {evil}"
     leads[3]["Email"] = f"ok@example.invalid\nBcc: {evil}"
     leads[4]["Email"] = f"=?UTF-8?Q?Ok=0ABcc:_{evil}?= <ok@example.invalid>"
-    leads[5]["FirstName"] = "<script>alert(1)</script>"
-    expected_field = {0: "subject", 1: "subject", 2: "to", 3: "to", 4: "to"}
+    leads[5]["ReplyTo"] = f"ok@example.invalid, {evil}"
+    leads[6]["ReplyTo"] = f"=?UTF-8?Q?Ok=0D=0ABcc:_{evil}?= <ok@example.invalid>"
+    leads[7]["FirstName"] = "<script>alert(1)</script>"
+    expected_field = {0: "subject", 1: "subject", 2: "to", 3: "to", 4: "to", 5: "reply_to", 6: "reply_to"}
     with SmtpServer() as smtp:
         # the record's Email is a recipient too; the list form makes each item exactly one address
-        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp), to=f'["{SALES}", "{{{{ record.Email }}}}"]')
+        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp),
+                           to=f'["{SALES}", "{{{{ record.Email }}}}"]', reply_to='reply_to = ["{{ record.ReplyTo }}"]')
 
         result = agent(cfg, "run", "--once")
 
         assert result.returncode == 1, result.stderr
-        assert (summary(result)["sent"], summary(result)["failed"]) == (1, 5)
-        failed = {r["key"]: r["last_error"] for r in executions(cfg, "--status", "failed")}
+        assert (summary(result)["sent"], summary(result)["failed"]) == (1, 7)
+        failed = {r["key"]: r["last_error"] for r in ledger_rows(cfg, "failed")}
         assert set(failed) == {leads[i]["lastSubmissionID"] for i in expected_field}
         for i, field in expected_field.items():
             assert f"step 0 (mail > message > send): {field}: " in failed[leads[i]["lastSubmissionID"]]
         [received] = smtp.messages
-        assert received.rcpt_tos == [SALES, leads[5]["Email"]]
+        assert received.rcpt_tos == [SALES, leads[7]["Email"]]
         assert evil.encode() not in received.raw and b"Bcc" not in received.raw
         message = received.message
-        assert message["Message-ID"] == message_id(leads[5]["lastSubmissionID"])
-        assert message["Subject"] == f"New lead: <script>alert(1)</script> {leads[5]['LastName']}"
+        assert message["Message-ID"] == message_id(leads[7]["lastSubmissionID"])
+        assert message["Subject"] == f"New lead: <script>alert(1)</script> {leads[7]['LastName']}"
         assert message.get_body(("html",)).get_content().startswith("<p><b>&lt;script&gt;alert(1)&lt;/script&gt; ")
         assert message.get_body(("plain",)).get_content().startswith("<script>alert(1)</script> ")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a string address template is split on commas AFTER rendering, so a record "
-                                       "value holding a comma adds recipients (to = \"{{ record.Email }}\")")
 def test_a_comma_in_record_data_cannot_add_a_recipient_through_a_string_address_template(tmp_path):
     leads = make_leads(2)
     leads[0]["Email"] = "ok@example.invalid, evil@x.invalid"
@@ -438,7 +452,7 @@ def test_a_comma_in_record_data_cannot_add_a_recipient_through_a_string_address_
         agent(cfg, "run", "--once")
 
         assert [m.rcpt_tos for m in smtp.messages] == [[leads[1]["Email"]]]
-        [row] = executions(cfg, "--status", "failed")
+        [row] = ledger_rows(cfg, "failed")
         assert "to: " in row["last_error"]
 
 
@@ -461,7 +475,8 @@ def test_no_secret_reaches_output_json_or_the_ledger(tmp_path, certificate):
         assert run.returncode == 1, run.stderr  # the quarantined record
         assert (summary(run)["quarantined"], summary(run)["waiting"]) == (1, 1)
         assert smtp.logins == ["agent"]
-        listing, status = agent(cfg, "executions", "--json"), agent(cfg, "status", "--json")
+        with ThreadPoolExecutor(2) as pool:  # both only read the ledger
+            listing, status = pool.map(lambda command: agent(cfg, command, "--json"), ["executions", "status"])
     texts = [run.stdout, run.stderr, listing.stdout, listing.stderr, status.stdout, status.stderr]
     ledger_bytes = b"".join(p.read_bytes() for p in sorted((tmp_path / "var").iterdir()) if p.name.startswith("agent.db"))
     assert ledger_bytes and "DEBUG" in run.stderr

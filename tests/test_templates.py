@@ -244,3 +244,15 @@ def test_check_step_accepts_good_syntax_without_rendering(templates, step):
 def test_a_jinja_comment_is_not_sent(templates, context):
     assert templates.render("{# internal note #}Hello {{ record.FirstName }}", context) == "Hello Zoë"
     assert templates.render("{# internal note #}Hello", context) == "Hello"
+
+
+@pytest.mark.parametrize("template, pieces", [
+    ("a@x.invalid, {{ record.Email }}", ["a@x.invalid", "{{ record.Email }}"]),
+    ('{{ record.a ~ "," ~ record.b }}', ['{{ record.a ~ "," ~ record.b }}']),
+    ("{% if record.vip %}boss@x.invalid{% endif %}, ops@x.invalid", ["{% if record.vip %}boss@x.invalid{% endif %}", "ops@x.invalid"]),
+    (" , ", []),
+])
+def test_address_templates_split_on_commas_outside_tags(template, pieces):
+    from agent.templates import split_outside_tags
+
+    assert split_outside_tags(template) == pieces
