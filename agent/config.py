@@ -240,7 +240,8 @@ def problems_of(error: ValidationError, prefix: str = "", model: type[BaseModel]
         elif kind == "missing":
             msg = "required key is missing"
         elif "input" in item and kind not in ("model_type", "dict_type"):
-            msg = f"{_show(item['input'], loc)}: {msg}"
+            shown = _show(item["input"], loc)
+            msg = msg if shown in msg else f"{shown}: {msg}"
         out.append((key_path(loc, prefix), msg))
     return out
 

@@ -22,7 +22,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterator, Literal, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator
 
 
 class SourceError(Exception):
@@ -86,6 +88,21 @@ class SourceConfig(BaseModel):
     window: Seconds | None = None
     overlap: Seconds = 60.0
     max_record_bytes: int = 16 * 1024 * 1024
+
+    @field_validator("at")
+    @classmethod
+    def _clock_time(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?", value):
+            raise ValueError(f"{value!r} is not a time of day; write 'HH:MM' such as '02:00'")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        try:
+            return value if value is None else str(ZoneInfo(value))
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone; write an IANA name such as 'Europe/Berlin'") from None
 
 
 def parse_json(raw: bytes, what: str, page: int, excerpt: str = "") -> Any:

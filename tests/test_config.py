@@ -219,11 +219,11 @@ ERRORS = [
         id="bad-log-format"),
     pytest.param(
         edit('log_format = "text"', 'log_format = "text"\nretention = "5 minutes"'),
-        "agent.retention", "'5 minutes': '5 minutes' is not a duration; write a number and a unit: '30s', '5m', '1h', '1d'",
+        "agent.retention", "'5 minutes' is not a duration; write a number and a unit: '30s', '5m', '1h', '1d'",
         id="bad-duration-agent"),
     pytest.param(
         edit('id = "lastSubmissionID"', 'id = "lastSubmissionID"\nevery = "5 minutes"'),
-        "sources.leads.every", "'5 minutes': '5 minutes' is not a duration; write a number and a unit: '30s', '5m', '1h', '1d'",
+        "sources.leads.every", "'5 minutes' is not a duration; write a number and a unit: '30s', '5m', '1h', '1d'",
         id="bad-duration-source"),
     pytest.param(
         edit('kind = "rest"', 'kind = "soap"'),
@@ -470,3 +470,12 @@ def test_every_example_config_loads(name, monkeypatch):
     config = load(ROOT / "examples" / name)
     assert config.flows and config.sources and config.connectors
     assert "example-secret" in config.secrets
+
+
+@pytest.mark.parametrize("lines, path, message", [
+    ('at = "2am"', "sources.leads.at", "'2am' is not a time of day; write 'HH:MM' such as '02:00'"),
+    ('at = "02:00"\ntimezone = "Mars/Base"', "sources.leads.timezone", "'Mars/Base' is not a time zone; write an IANA name such as 'Europe/Berlin'"),
+])
+def test_daily_times_and_zones_are_checked(fails, lines, path, message):
+    error = fails(edit('id = "lastSubmissionID"', 'id = "lastSubmissionID"\n' + lines))
+    assert only(error) == (path, message)
