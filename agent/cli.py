@@ -377,7 +377,7 @@ def report_text(report: dict) -> str:
 def cmd_prune(config: Config, args: argparse.Namespace) -> int:
     now = time.time()
     windows = {name: cfg.window for name, cfg in config.sources.items() if cfg.window}
-    with Ledger(config.ledger_path, hold=False) as ledger:
+    with Ledger(config.ledger_path, hold=False) as ledger:  # beside a running agent, which also prunes hourly
         removed = ledger.prune(now - config.agent.retention, windows, now)
     print(json.dumps(removed) if args.json else ", ".join(f"{k}: {v} pruned" for k, v in removed.items()))
     return OK

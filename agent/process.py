@@ -145,6 +145,15 @@ class Agent:
         if finish.status in ("failed", "dead") and finish.error:
             result.errors.append(f"execution {ex.id} ({ex.flow}, record {ex.key}): {finish.error}")
 
+    def prune(self) -> dict[str, int]:
+        """Apply retention: finished work older than it goes; seen keys go only when older than their source's window."""
+        now = self.clock()
+        windows = {name: cfg.window for name, cfg in self.config.sources.items() if cfg.window}
+        removed = self.ledger.prune(now - self.config.agent.retention, windows, now)
+        if any(removed.values()):
+            logger.info("pruned: {}", ", ".join(f"{v} {k}" for k, v in removed.items()))
+        return removed
+
     def waiting(self) -> tuple[int, int]:
         """(executions waiting for their time, of which paused)."""
         counts = self.ledger.counts()
@@ -157,6 +166,7 @@ class Agent:
         for name, cfg in self.config.sources.items():
             job = scheduler.every().day.at(cfg.at, cfg.timezone) if cfg.at else scheduler.every(cfg.every).seconds
             job.do(self._scheduled_poll, name)
+        scheduler.every(1).hours.do(self.prune)
         logger.info("agent running: {} source(s), {} flow(s), ledger {}", len(self.sources), len(self.config.flows), self.config.ledger_path)
         self._guarded(self.poll_all)
         while not self.stopping.is_set():

@@ -127,3 +127,16 @@ def test_status_shows_a_paused_connector_and_why(tmp_path, sink):
     assert report["paused"] == 12 and "401" in report["paused_because"]
     status = agent(cfg, "status")
     assert "PAUSED" in status.stdout and status.returncode == 1  # a health check sees it
+
+
+def test_prune_applies_retention_and_keeps_what_is_recent(tmp_path, sink):
+    with ViewServer(make_leads(2), username="integration", password=PASSWORD) as view:
+        cfg = write_config(tmp_path, view, sink)
+        agent(cfg, "run", "--once")
+        kept = json.loads(agent(cfg, "prune", "--json").stdout)
+        assert kept["executions"] == 0
+        cfg.write_text(cfg.read_text().replace("concurrency = 4", 'concurrency = 4\nretention = "0s"'))
+        pruned = json.loads(agent(cfg, "prune", "--json").stdout)
+        assert pruned["executions"] == 2 and pruned["records"] == 0  # no window: seen keys are kept forever
+        again = agent(cfg, "run", "--once")
+        assert "new: 0" in again.stdout and "sent: 0" in again.stdout  # the dedupe memory survived the prune
