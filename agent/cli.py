@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except LedgerError as error:
         print(f"agent: {error}", file=sys.stderr)
         return LEDGER
+    except sqlite3.Error as error:  # a read beside a running agent, say: the ledger cannot be used right now
+        print(f"agent: {config.ledger_path}: the ledger cannot be used ({error})", file=sys.stderr)
+        return LEDGER
     except KeyboardInterrupt:
         return OK
 
@@ -106,10 +110,10 @@ def _agent(config: Config):
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     agent = _agent(config)
+    _on_stop(agent)
     try:
         if args.once:
             return _once(agent, agent.poll_all())
-        _on_stop(agent)
         agent.run_forever()
         return OK
     finally:
