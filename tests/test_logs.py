@@ -1,0 +1,44 @@
+"""Logging: text or JSON lines, secrets masked, progress lines on terminals only."""
+import io
+import json
+
+from loguru import logger
+
+from agent import logs
+
+
+def test_json_lines_carry_the_bound_context_and_never_a_secret():
+    out = io.StringIO()
+    logs.setup("INFO", "json", secrets=["hunter2-secret"], sink=out)
+    logger.bind(source="leads").info("login with hunter2-secret failed")
+    logger.debug("not shown at INFO")
+    [line] = out.getvalue().splitlines()
+    record = json.loads(line)["record"]
+    assert record["message"] == "login with *** failed"
+    assert record["extra"] == {"source": "leads"}
+
+
+def test_text_lines_mask_secrets():
+    out = io.StringIO()
+    logs.setup("DEBUG", "text", secrets=["hunter2-secret"], sink=out)
+    logger.warning("token hunter2-secret")
+    assert "hunter2-secret" not in out.getvalue() and "| WARNING | token ***" in out.getvalue()
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_only_on_a_terminal_and_cleared_before_a_log_line():
+    plain = logs.Progress(io.StringIO())
+    plain("page 1")
+    assert plain.stream.getvalue() == ""
+    tty, now = Terminal(), [0.0]
+    progress = logs.Progress(tty, clock=lambda: now[0])
+    now[0] = 1.0
+    progress("page 1")
+    progress("page 2")  # within 0.1 s: skipped
+    logs.setup("INFO", "text", sink=tty)
+    logger.info("done")
+    assert tty.getvalue().startswith("\r\x1b[Kpage 1\r\x1b[K") and "page 2" not in tty.getvalue()
