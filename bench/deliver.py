@@ -68,7 +68,7 @@ def agent_once(view_url: str, n: int, concurrency: int) -> tuple[float, float]:
 
 
 def run(quick: bool, repeats: int) -> list[Row]:
-    n = 2_000 if quick else 20_000
+    n = 1_000 if quick else 20_000
     seq, par, once1, drain1, once8, drain8 = [], [], [], [], [], []
     with served("view", n) as view_url:
         work = bodies(view_url)

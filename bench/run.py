@@ -23,7 +23,7 @@ BENCHMARKS = {"poll": poll, "admit": admit, "deliver": deliver, "memory": memory
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the sync-agent benchmarks (DESIGN §10).")
-    parser.add_argument("--quick", action="store_true", help="small sizes (10k view, 100k admit, 2k deliver, 100k memory view)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (10k view, 50k admit, 1k deliver, 10k+100k memory views)")
     parser.add_argument("--repeats", type=int, help="runs per figure, the median is shown (default: 3)")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
     args = parser.parse_args()
