@@ -54,23 +54,32 @@ def _text_key(value: Any, name: str) -> str:
     return text
 
 
-def identify(record: Any, cfg: SourceConfig) -> Admission:
-    """The record's dedupe key, version, hash and entity by the source's settings."""
+def dedupe_key(record: Any, cfg: SourceConfig) -> tuple[str, str]:
+    """(id, key) for the `id` and `id+updated` modes, cheaply: no hashing, no size check."""
     if not isinstance(record, dict):
         raise BadRecord(f"a record must be a JSON object, not {type(record).__name__}")
-    digest = content_hash(record)
-    try:
-        size = len(json.dumps(record, ensure_ascii=False, default=str).encode("utf-8"))
-    except UnicodeEncodeError as error:
-        raise BadRecord(f"holds a lone surrogate (broken Unicode) at character {error.start}") from None
-    if size > cfg.max_record_bytes:
-        raise BadRecord(f"record is {size} bytes, over max_record_bytes = {cfg.max_record_bytes}")
     if cfg.id not in record:
         raise BadRecord(f"no {cfg.id!r} field (the source's id)")
     rid = _text_key(record[cfg.id], cfg.id)
+    if cfg.dedupe == "id+updated":
+        updated = record.get(cfg.updated) if cfg.updated else None
+        return rid, f"{rid}@{'' if updated is None else updated}"
+    return rid, rid
+
+
+def identify(record: Any, cfg: SourceConfig) -> Admission:
+    """The record's dedupe key, version, hash and entity by the source's settings."""
+    rid, key = dedupe_key(record, cfg)
+    try:  # one canonical dump gives the hash, the size, and the check for broken Unicode
+        canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise BadRecord(f"holds a lone surrogate (broken Unicode) at character {error.start}") from None
+    if len(canonical) > cfg.max_record_bytes:
+        raise BadRecord(f"record is {len(canonical)} bytes, over max_record_bytes = {cfg.max_record_bytes}")
+    digest = hashlib.sha256(canonical).hexdigest()
     updated = record.get(cfg.updated) if cfg.updated else None
     version = "" if updated is None else str(updated)
-    key = {"id": rid, "id+updated": f"{rid}@{version}", "content": digest}[cfg.dedupe]
+    key = digest if cfg.dedupe == "content" else key
     entity = _text_key(record[cfg.entity], cfg.entity) if cfg.entity and record.get(cfg.entity) is not None else (rid if cfg.dedupe != "content" else key)
     return Admission(key=key, id=rid, version=version, hash=digest, entity=entity, context={"record": record})
 
@@ -168,8 +177,16 @@ class Poller:
 
     def _page(self, name: str, cfg: SourceConfig, page: Page, state: "_PollState", result: PollResult, log) -> None:
         """Identify, quarantine and admit one page; note the highest `updated` and any shift."""
+        known = self._known(name, cfg, page.records)
         good: list[Admission] = []
+        keys: set[str] = set()
         for position, record in enumerate(page.records):
+            if cfg.updated and isinstance(record, dict) and record.get(cfg.updated) is not None:
+                state.highest = _later(state.highest, record[cfg.updated])
+            seen_key = known.get(position)
+            if seen_key is not None:  # seen before: it passed every check when it was admitted
+                keys.add(seen_key)
+                continue
             try:
                 item = identify(record, cfg)
             except BadRecord as error:
@@ -177,9 +194,7 @@ class Poller:
                 continue
             item.context["cursor"] = state.cursor
             good.append(item)
-            if cfg.updated and record.get(cfg.updated) is not None:
-                state.highest = _later(state.highest, record[cfg.updated])
-        keys = {item.key for item in good}
+            keys.add(item.key)
         state.shifted |= bool(keys & state.previous)  # only the previous page is kept: memory stays bounded by a page
         state.previous = keys
         state.truncated |= bool(page.meta.get("truncated"))
@@ -188,9 +203,22 @@ class Poller:
         result.fetched += len(page.records)
         result.new += admitted.new
         result.primed += admitted.primed
-        result.duplicates += admitted.duplicates
+        result.duplicates += admitted.duplicates + len(known)
         result.superseded += admitted.superseded
         log.debug("{} page {}: {} records, {} new", name, page.number, len(page.records), admitted.new + admitted.primed)
+
+    def _known(self, name: str, cfg: SourceConfig, records: list) -> dict[int, str]:
+        """position -> key of the records the ledger has seen (a re-poll skips hashing them)."""
+        if cfg.dedupe == "content":
+            return {}
+        keyed = {}
+        for position, record in enumerate(records):
+            try:
+                keyed[position] = dedupe_key(record, cfg)[1]
+            except BadRecord:
+                pass
+        seen = self.ledger.seen(name, set(keyed.values()))
+        return {position: key for position, key in keyed.items() if key in seen}
 
     def _quarantine(self, name: str, page: Page, position: int, record: Any, reason: str, result: PollResult, log) -> None:
         excerpt = json.dumps(record, ensure_ascii=True, default=str)[:300]

@@ -113,23 +113,26 @@ class Agent:
         size = self.config.agent.concurrency
         in_flight: dict[Future, Execution] = {}
         with ThreadPoolExecutor(max_workers=size, thread_name_prefix="deliver") as pool:
+            batch: list[tuple[Execution, Finish]] = []
             while True:
-                if not self.stopping.is_set() and len(in_flight) < size:
-                    claimed = self.ledger.claim(self.clock(), size - len(in_flight), self.config.agent.lease)
-                    if claimed:
-                        self.failpoint("after_claim")
-                    for ex in claimed:
-                        in_flight[pool.submit(self.runner.run, ex)] = ex
+                free = 0 if self.stopping.is_set() else size - len(in_flight)
+                # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send
+                claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease)
+                if claimed:
+                    self.failpoint("after_claim")
+                for ex in claimed:
+                    in_flight[pool.submit(self.runner.run, ex)] = ex
                 if not in_flight:
                     break
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 batch = [(in_flight.pop(f), f.result()) for f in done]
-                self.ledger.finish_many(batch, self.clock())
-                if self.runner.resumed:
-                    self.runner.resumed = False
-                    self.ledger.wake_paused(self.clock())
                 for ex, finish in batch:
                     self._tally(result, ex, finish)
+                if self.runner.resumed:
+                    self.runner.resumed = False
+                    self.ledger.finish_and_claim(batch, self.clock(), 0, 0)
+                    self.ledger.wake_paused(self.clock())
+                    batch = []
                 self.progress(f"delivering: {result.sent} sent, {result.failed + result.dead} failed, {len(in_flight)} in flight")
         self.progress.done()
         if result.sent or result.failed or result.dead:

@@ -288,14 +288,19 @@ class Ledger:
                 )
         return result
 
+    def seen(self, source: str, keys: set[str]) -> set[str]:
+        """The keys of ``keys`` already in the ledger for this source."""
+        found: set[str] = set()
+        ordered = list(keys)
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.conn.execute(f"SELECT key FROM records WHERE source = ? AND key IN ({marks})", (source, *chunk)))
+        return found
+
     def _unseen(self, source: str, items: list[Admission]) -> list[Admission]:
         """The items whose key is neither in the ledger nor earlier in the same page."""
-        seen: set[str] = set()
-        keys = list({a.key for a in items})
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            seen.update(r[0] for r in self.conn.execute(f"SELECT key FROM records WHERE source = ? AND key IN ({marks})", (source, *chunk)))
+        seen = self.seen(source, {a.key for a in items})
         fresh = []
         for item in items:
             if item.key not in seen:
@@ -379,14 +384,16 @@ class Ledger:
 
         An execution waits while an earlier one of the same flow and entity is unfinished.
         """
+        return self.finish_and_claim([], now, limit, lease)
+
+    def finish_and_claim(self, done: list[tuple[Execution, "Finish"]], now: float, limit: int, lease: float) -> list[Execution]:
+        """Record finished runs, then claim up to ``limit`` due executions, in one transaction."""
+        if not done and limit <= 0:
+            return []
         with self.write() as conn:
-            rows = self._rows(
-                "SELECT e.* FROM executions e WHERE e.status IN ('pending', 'retrying', 'paused') AND e.next_at <= ?"
-                " AND NOT EXISTS (SELECT 1 FROM executions o WHERE o.flow = e.flow AND o.entity = e.entity AND o.id < e.id"
-                " AND o.single = 0 AND e.single = 0 AND o.status IN ('pending', 'running', 'retrying', 'paused'))"
-                " ORDER BY e.next_at, e.id LIMIT ?",
-                (now, limit),
-            )
+            for execution, result in done:
+                self._finish_one(conn, execution, result, now)
+            rows = self._due(now, limit) if limit > 0 else []
             conn.executemany(
                 "UPDATE executions SET status = 'running', attempts = attempts + 1, first_attempt = COALESCE(first_attempt, ?),"
                 " lease_until = ?, updated = ? WHERE id = ?",
@@ -398,16 +405,22 @@ class Ledger:
             for r in rows
         ]
 
+    def _due(self, now: float, limit: int) -> list[dict]:
+        return self._rows(
+            "SELECT e.* FROM executions e WHERE e.status IN ('pending', 'retrying', 'paused') AND e.next_at <= ?"
+            " AND NOT EXISTS (SELECT 1 FROM executions o WHERE o.flow = e.flow AND o.entity = e.entity AND o.id < e.id"
+            " AND o.single = 0 AND e.single = 0 AND o.status IN ('pending', 'running', 'retrying', 'paused'))"
+            " ORDER BY e.next_at, e.id LIMIT ?",
+            (now, limit),
+        )
+
     def finish(self, execution: Execution, result: Finish, now: float) -> None:
         """Record the attempt, save the step output and move the execution on, in one transaction."""
-        with self.write() as conn:
-            self._finish_one(conn, execution, result, now)
+        self.finish_and_claim([(execution, result)], now, 0, 0)
 
     def finish_many(self, done: list[tuple[Execution, Finish]], now: float) -> None:
         """``finish`` for several executions in one transaction (one fsync for a batch)."""
-        with self.write() as conn:
-            for execution, result in done:
-                self._finish_one(conn, execution, result, now)
+        self.finish_and_claim(done, now, 0, 0)
 
     def _finish_one(self, conn: sqlite3.Connection, ex: Execution, result: Finish, now: float) -> None:
         a = result.attempt
