@@ -14,6 +14,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,12 +106,13 @@ def main(argv: list[str] | None = None) -> int:
 def _agent(config: Config):
     from agent.process import Agent  # imported late: read-only commands need no connectors
 
-    return Agent(config)
+    stopping = threading.Event()
+    _on_stop(stopping)  # before anything starts: a SIGTERM during start-up still ends with exit 0
+    return Agent(config, stopping=stopping)
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     agent = _agent(config)
-    _on_stop(agent)
     try:
         if args.once:
             return _once(agent, agent.poll_all())
@@ -130,10 +132,10 @@ def cmd_poll(config: Config, args: argparse.Namespace) -> int:
         agent.close()
 
 
-def _on_stop(agent) -> None:
+def _on_stop(stopping: threading.Event) -> None:
     def stop(signum, frame):
         logger.info("stopping on {}: finishing in-flight steps", signal.Signals(signum).name)
-        agent.stopping.set()
+        stopping.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -27,7 +27,7 @@ from state.base import LedgerError
 from state.ledger import Execution, Finish, Ledger
 
 
-LEDGER_RETRY = 10.0  # seconds between tries while the ledger cannot be written
+LEDGER_RETRY = 5.0  # seconds between tries while the ledger cannot be written
 
 
 def build(cls: type, cfg: Any, available: dict[str, Any], where: str, file: str) -> Any:
@@ -72,10 +72,10 @@ class Agent:
     """One agent on one ledger. ``clock`` returns epoch seconds."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time, ledger: Ledger | None = None,
-                 session_factory: Callable[..., Any] = build_session):
+                 session_factory: Callable[..., Any] = build_session, stopping: threading.Event | None = None):
         self.config = config
         self.clock = clock
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
         self._unsettled = False  # a write failed: some steps may have been sent without their outcome recorded
         templates = Templates()
         self.sources, self.connectors = build_plugins(config, clock=clock, session_factory=session_factory)

@@ -194,11 +194,19 @@ class Ledger:
 
     def _classify(self, error: sqlite3.Error) -> LedgerError:
         text = str(error)
+        if self._disk_full():
+            return LedgerUnwritable(f"{self.path}: the disk holding the ledger is full ({text}); free some space — nothing is sent meanwhile")
         if "not a database" in text or "malformed" in text or "corrupt" in text:
             return LedgerDamaged(f"{self.path}: the ledger is damaged ({text}); restore it from a backup or move it aside to inspect it — the agent will not start a fresh one over it")
         if "locked" in text or "busy" in text:
             return LedgerBusy(f"{self.path}: the ledger is busy ({text})")
         return LedgerUnwritable(f"{self.path}: cannot use the ledger ({text})")
+
+    def _disk_full(self) -> bool:
+        try:
+            return os.statvfs(self.path.parent).f_bavail == 0
+        except OSError:
+            return False
 
     def _check(self) -> None:
         try:

@@ -163,6 +163,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:  # the client died mid-body: no request arrived, nothing to accept
+            self.close_connection = True
+            return
         url = urlsplit(self.path)
         request = {"method": self.command, "path": url.path, "query": dict(parse_qsl(url.query)),
                    "headers": CaseInsensitiveDict(self.headers.items()), "json": None}

@@ -1,0 +1,694 @@
+"""The kill storm: the real agent process under SIGKILL while its view changes and fails and its sink fails.
+
+    report = Storm(tmp_path, kills=20, seed=4).run()
+    print(report.text())
+    assert not report.problems
+
+A storm runs ``python -m agent --config X run`` again and again ("generations")
+against a ``ViewServer`` that a ``Mutator`` keeps adding and updating records in
+(every update a new ``lastSubmissionID``; many equal ``lastModified`` values),
+with a ``ChaosView`` fault on every request (5xx, dropped connection, truncated
+JSON, short body, an answer slower than the source ``timeout``) and a
+``ChaosSink`` (503, 429 with Retry-After, the connection dropped *after* the
+write was accepted, an answer slower than the connector ``timeout``).
+
+Each generation is SIGKILLed at a random moment, or kills itself at a named
+failpoint (``AGENT_FAILPOINTS``): generations alternate between "kill" ones
+(low failpoint chances: our SIGKILL usually comes first) and "failpoint" ones
+(one point at a high chance, the points taken in turn until each has fired
+``min_firings`` times). One generation in the middle is stopped with SIGTERM
+instead. Then the faults stop, a clean ``run`` drains everything and is
+stopped with SIGTERM, and ``run --once`` must find nothing left to do.
+
+``Report.problems`` lists every broken promise; ``Report.figures`` the counts.
+Everything random is drawn from one seeded ``random.Random`` per component
+(the agent's own failpoint draws and thread timing are not seeded).
+
+``plant`` runs every agent process with a bug planted from the outside
+(a ``sitecustomize`` module on ``PYTHONPATH``; the agent's code is untouched):
+the storm must then report problems. See ``PLANTS``.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sinkserver import SinkServer
+from viewserver import ViewServer, drop_connection, make_leads, short_body, truncated_json, update
+
+PASSWORD = "storm-view-pass-Qx81"
+TOKEN = "storm-crm-token-7Kd"
+POINTS = ("after_fetch", "inside_admit", "after_claim", "after_send", "inside_failure")
+START = "2027-03-01T08:00:00Z"
+FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+ACTIVE = ("pending", "running", "retrying", "paused")
+# The agent's timeouts, and how much later a "slow" fault answers. The sink's is the wider one: a replay after an
+# answer the agent timed out on is explained only when the storm made that answer slow on purpose.
+VIEW_TIMEOUT, SINK_TIMEOUT, LATE = 0.5, 1.0, 0.4
+
+# Bugs planted from outside the agent, for the negative controls. Each must make the storm fail.
+PLANTS = {
+    # a fresh idempotency key per attempt: a retry after an accepted-but-unanswered request is a second delivery
+    "fresh_key": """
+        import uuid
+        import agent.flows
+        agent.flows.idempotency_key = lambda *args, **kwargs: uuid.uuid4().hex
+    """,
+    # the execution is marked done when claimed, before the send; the real outcome overwrites it afterwards,
+    # so only a stop between the claim and the send loses the record (as it does in such an agent)
+    "done_before_send": """
+        import state.ledger as L
+        claim, finish_one = L.Ledger.finish_and_claim, L.Ledger._finish_one
+        def done_first(self, done, now, limit, lease):
+            claimed = claim(self, done, now, limit, lease)
+            with self.write() as conn:
+                conn.executemany("UPDATE executions SET status = 'succeeded' WHERE id = ?", [(e.id,) for e in claimed])
+            return claimed
+        def finish(self, conn, ex, result, now):
+            conn.execute("UPDATE executions SET status = 'running' WHERE id = ? AND status = 'succeeded'", (ex.id,))
+            finish_one(self, conn, ex, result, now)
+        L.Ledger.finish_and_claim, L.Ledger._finish_one = done_first, finish
+    """,
+    # a step recorded as sent is sometimes scheduled again: the same key goes out again from the same process
+    "resend_sent": """
+        import random
+        import state.ledger as L
+        finish_one = L.Ledger._finish_one
+        def finish(self, conn, ex, result, now):
+            sent = result.attempt and result.attempt["outcome"] == "succeeded"
+            if result.status == "succeeded" and sent and random.random() < 0.3:
+                result = L.Finish("retrying", result.attempt["step"], result.context, next_at=now, attempt=result.attempt)
+            finish_one(self, conn, ex, result, now)
+        L.Ledger._finish_one = finish
+    """,
+    # the cursor is the highest timestamp seen, compared with '>' (no overlap): the view's filter is '>=' on
+    # whole seconds, so asking from one second later is asking for strictly newer records
+    "cursor_gt": """
+        from datetime import datetime, timedelta
+        import agent.poller as P
+        original = P.cursor_value
+        def strictly_after(highest, overlap):
+            parsed = P._parse_time(highest)
+            if isinstance(parsed, datetime):
+                return (parsed + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return original(highest, 0)
+        P.cursor_value = strictly_after
+    """,
+}
+
+
+def _stamp(at: datetime) -> str:
+    return at.strftime(FORMAT)
+
+
+class ChaosView:
+    """A ViewServer fault that answers most requests normally and fails the others at random."""
+
+    KINDS = ("500", "drop", "truncated", "short", "slow")
+
+    def __init__(self, rng: random.Random, rate: float, slow: float):
+        self.rng, self.rate, self.slow = rng, rate, slow
+        self.on = True
+        self.counts: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, handler) -> None:
+        with self._lock:
+            kind = self.rng.choice(self.KINDS) if self.on and self.rng.random() < self.rate else "ok"
+            self.counts[kind] += 1
+        try:
+            if kind == "ok":
+                handler.serve()
+            elif kind == "500":
+                handler.reply(500, b'{"error": "injected 500"}')
+            elif kind == "drop":
+                drop_connection(handler)
+            elif kind == "truncated":
+                truncated_json(handler)
+            elif kind == "short":
+                short_body(handler)
+            else:  # slower than the source's timeout: the agent has given up when the page comes
+                time.sleep(self.slow)
+                handler.serve()
+        except OSError:  # the agent went away (killed, or timed out): nobody to answer
+            handler.close_connection = True
+
+
+@dataclass
+class SinkEvent:
+    """One request to the sink as the storm saw it."""
+
+    t: float  # time.monotonic() when it was handled
+    key: str | None
+    version: str | None
+    kind: str  # accepted | replay | refused-503 | refused-429 | status-N | nokey | incomplete
+    delivery: str = "answered"  # answered | dropped (after the write was accepted) | slow (past the timeout)
+    gen: int = -1  # the agent process that sent it (its X-Storm-Generation header)
+
+
+class ChaosSink(SinkServer):
+    """The idempotent SinkServer, failing at random; every POST is logged as a SinkEvent."""
+
+    def __init__(self, rng: random.Random, rates: dict[str, float], slow: float):
+        super().__init__(key_field="sink_id")  # a field no body has: every new POST is a creation
+        self.rng, self.rates, self.slow = rng, rates, slow
+        self.on = True
+        self.events: list[SinkEvent] = []
+        self.counts: collections.Counter = collections.Counter()
+        self._storm_lock = threading.Lock()
+
+    def _pick(self) -> str:
+        if not self.on:
+            return "ok"
+        draw = self.rng.random()
+        for kind, rate in self.rates.items():
+            if draw < rate:
+                return kind
+            draw -= rate
+        return "ok"
+
+    def answer(self, request: dict[str, Any]):
+        key = request["headers"].get(self.idempotency_header)
+        body = request["json"] if isinstance(request["json"], dict) else {}
+        gen = int(request["headers"].get("X-Storm-Generation", -1))
+        if request["json"] is None and int(request["headers"].get("Content-Length") or 0):
+            # the agent died between the headers and the body: SinkServer would take the empty body as the
+            # request and keep its answer for the key; a real server drops an incomplete request
+            with self._storm_lock:
+                self.counts["incomplete"] += 1
+                self.events.append(SinkEvent(time.monotonic(), key, None, "incomplete", "dropped", gen))
+            return None
+        with self._storm_lock:  # one at a time, so "already accepted" and the answer agree
+            fault = self._pick()
+            now = time.monotonic()
+            if fault in ("503", "429"):
+                self.requests.append(request)
+                self.counts[fault] += 1
+                self.events.append(SinkEvent(now, key, body.get("version"), f"refused-{fault}", gen=gen))
+                headers = {"Retry-After": "1"} if fault == "429" else {}
+                return int(fault), {"error": f"injected {fault}"}, headers
+            replay = key in self._answers
+            answer = super().answer(request)
+            ok = answer is not None and 200 <= answer[0] < 300
+            kind = "nokey" if not key else "replay" if replay else "accepted" if ok else f"status-{answer[0] if answer else 'none'}"
+            event = SinkEvent(now, key, body.get("version"), kind, gen=gen)
+            if ok and fault in ("drop", "slow"):
+                event.delivery = "dropped" if fault == "drop" else "slow"
+                self.counts[fault] += 1
+            self.events.append(event)
+        if event.delivery == "slow":
+            time.sleep(self.slow)  # accepted, but the answer comes after the agent stopped waiting
+        return None if event.delivery == "dropped" else answer
+
+
+class Mutator(threading.Thread):
+    """Adds and updates view records in bursts; every burst stamps one time, and many bursts share it."""
+
+    def __init__(self, view: ViewServer, rng: random.Random, *, every: float = 0.25, bursts_per_tick: int = 3,
+                 tick: float = 30.0, most: int = 6, add_chance: float = 0.3):
+        super().__init__(name="storm-mutator", daemon=True)
+        self.view, self.rng = view, rng
+        self.every, self.bursts_per_tick, self.tick, self.most, self.add_chance = every, bursts_per_tick, tick, most, add_chance
+        self.now = datetime.strptime(START, FORMAT).replace(tzinfo=timezone.utc)
+        self.history: dict[str, list[str]] = {}  # entity -> versions in the order they were made
+        self.halt = threading.Event()
+        self.bursts = 0
+        for record in view.records:
+            self.history[record["RecordId"]] = [record["lastSubmissionID"]]
+
+    def run(self) -> None:
+        while not self.halt.wait(self.every):
+            self.burst()
+
+    def burst(self) -> None:
+        self.bursts += 1
+        if self.bursts % self.bursts_per_tick == 0:
+            self.now += timedelta(seconds=self.tick)
+        at = _stamp(self.now)
+        for _ in range(self.rng.randint(0, self.most)):
+            if self.rng.random() < self.add_chance:
+                record = make_leads(1, start=at)[0]
+                self.view.records.append(record)
+                self.history[record["RecordId"]] = [record["lastSubmissionID"]]
+            else:
+                i = self.rng.randrange(len(self.view.records))
+                record = update(self.view.records[i], at=at, Status=self.rng.choice(["New", "Contacted", "Qualified"]))
+                self.view.records[i] = record
+                self.history[record["RecordId"]].append(record["lastSubmissionID"])
+
+    def tie(self, n: int) -> None:
+        """Update n records at the newest time in the view: a tie with what the agent has already polled."""
+        at = max(r["lastModified"] for r in self.view.records)
+        for i in self.rng.sample(range(len(self.view.records)), min(n, len(self.view.records))):
+            record = update(self.view.records[i], at=at, Status="Tied")
+            self.view.records[i] = record
+            self.history[record["RecordId"]].append(record["lastSubmissionID"])
+
+    @property
+    def versions(self) -> int:
+        return sum(len(v) for v in self.history.values())
+
+
+@dataclass
+class Generation:
+    """One agent process."""
+
+    index: int
+    kind: str  # kill | failpoint | sigterm | final
+    spec: str
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+    start: float
+    end: float | None = None
+    signal: str | None = None  # what the storm sent: KILL | TERM | None (it died by itself)
+    firings: int = 0  # failpoint firings logged during its life
+    stop_seconds: float | None = None  # SIGTERM to exit
+
+
+@dataclass
+class Report:
+    figures: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = ["storm figures:"] + [f"  {k}: {v}" for k, v in self.figures.items()]
+        lines += ["problems:" if self.problems else "problems: none"] + [f"  - {p}" for p in self.problems[:40]]
+        if len(self.problems) > 40:
+            lines.append(f"  ... and {len(self.problems) - 40} more")
+        return "\n".join(lines)
+
+    def has(self, text: str) -> bool:
+        return any(text in p for p in self.problems)
+
+
+CONFIG = """
+[agent]
+ledger = "var/agent.db"
+concurrency = @CONCURRENCY@
+
+[sources.leads]
+kind = "rest"
+url = "@VIEW@"
+every = "0.3s"
+id = "lastSubmissionID"
+updated = "lastModified"
+entity = "RecordId"
+first_run = "deliver"
+timeout = "@VIEW_TIMEOUT@"
+params = { since = "{{ cursor }}" }
+auth = { kind = "basic", username = "integration", password = "${VIEW_PASSWORD}" }
+paging = { kind = "page", param = "page", size_param = "pageSize", size = 10, start = 1 }
+
+[connectors.crm]
+kind = "http"
+base_url = "@SINK@"
+auth = { kind = "bearer", token = "${CRM_TOKEN}" }
+idempotency_header = "Idempotency-Key"
+timeout = "@SINK_TIMEOUT@"
+headers = { X-Storm-Generation = "${STORM_GENERATION:-0}" }  # which agent process sent a request
+[connectors.crm.objects.leads]
+path = "/leads"
+
+[[flows]]
+name = "storm"
+source = "leads"
+
+  [[flows.steps]]
+  kind = "map"
+  fields = { record = "{{ record.RecordId }}", version = "{{ record.lastSubmissionID }}", modified = "{{ record.lastModified }}", name = "{{ record.FirstName }} {{ record.LastName }}", status = "{{ record.Status }}" }
+
+  [[flows.steps]]
+  kind = "action"
+  action = "crm > leads > send"
+  body = "mapped"
+  [flows.steps.retry]
+  attempts = 1000000
+  interval = "0.05s"
+  max_interval = "0.3s"
+  window = "1h"
+"""
+
+
+def write_config(folder: Path, view_url: str, sink_url: str, *, concurrency: int = 4,
+                 view_timeout: float = VIEW_TIMEOUT, sink_timeout: float = SINK_TIMEOUT) -> Path:
+    cfg = folder / "agent.toml"
+    text = CONFIG
+    for name, value in {"@VIEW@": view_url, "@SINK@": sink_url, "@CONCURRENCY@": str(concurrency),
+                        "@VIEW_TIMEOUT@": f"{view_timeout}s", "@SINK_TIMEOUT@": f"{sink_timeout}s"}.items():
+        text = text.replace(name, value)
+    cfg.write_text(text)
+    return cfg
+
+
+def agent_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+    return {**env, "VIEW_PASSWORD": PASSWORD, "CRM_TOKEN": TOKEN, **extra}
+
+
+def read_ledger(path: Path) -> dict[str, Any]:
+    """The ledger's records and executions, read-only (the agent must be stopped or beside it)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        records = conn.execute("SELECT key, id, version FROM records").fetchall()
+        executions = conn.execute("SELECT id, key, entity, status, attempts, last_error FROM executions ORDER BY id").fetchall()
+        polls = conn.execute("SELECT COUNT(*), SUM(finished IS NOT NULL AND error IS NULL), SUM(pages) FROM polls").fetchone()
+    finally:
+        conn.close()
+    return {"records": records, "executions": executions, "polls": polls}
+
+
+def count_firings(log: Path) -> collections.Counter:
+    return collections.Counter(log.read_text().split()) if log.exists() else collections.Counter()
+
+
+class Storm:
+    """One kill storm in ``folder`` (see the module docstring)."""
+
+    def __init__(self, folder: Path, *, kills: int = 20, seed: int = 4, min_firings: int = 2,
+                 points: tuple[str, ...] = POINTS, plant: str | None = None, concurrency: int = 4,
+                 view_fault_rate: float = 0.08, sink_rates: dict[str, float] | None = None,
+                 base_chance: float = 0.01, focus_chance: float = 0.3, initial: int = 30,
+                 bursts_per_tick: int = 4, drain_timeout: float = 60.0, time_limit: float | None = None):
+        self.folder = folder
+        self.kills, self.seed, self.min_firings, self.points, self.plant = kills, seed, min_firings, points, plant
+        self.concurrency = concurrency
+        self.base_chance, self.focus_chance = base_chance, focus_chance
+        self.initial, self.drain_timeout = initial, drain_timeout
+        self.time_limit = time_limit if time_limit is not None else 45.0 + 4.0 * kills
+        self.rng = random.Random(seed)
+        self.view_faults = ChaosView(random.Random(seed + 1), view_fault_rate, slow=VIEW_TIMEOUT + LATE)
+        self.sink = ChaosSink(random.Random(seed + 2), sink_rates or {"503": 0.07, "429": 0.05, "drop": 0.06, "slow": 0.02}, slow=SINK_TIMEOUT + LATE)
+        self.view = ViewServer(make_leads(initial, start=START, step=0), paging="page", page_size=10,
+                               username="integration", password=PASSWORD)
+        self.mutator = Mutator(self.view, random.Random(seed + 3), bursts_per_tick=bursts_per_tick)
+        self.logs = folder / "logs"
+        self.firing_log = folder / "failpoints.log"
+        self.generations: list[Generation] = []
+        self.report = Report()
+
+    # -- processes -------------------------------------------------------------
+    def _env(self, spec: str, index: int) -> dict[str, str]:
+        extra = {"AGENT_FAILPOINTS": spec, "AGENT_FAILPOINTS_LOG": str(self.firing_log)} if spec else {}
+        extra["STORM_GENERATION"] = str(index)
+        if self.plant:
+            plant_dir = self.folder / "plant"
+            plant_dir.mkdir(exist_ok=True)
+            (plant_dir / "sitecustomize.py").write_text(textwrap.dedent(PLANTS[self.plant]))
+            extra["PYTHONPATH"] = os.pathsep.join(filter(None, [str(plant_dir), os.environ.get("PYTHONPATH")]))
+        return agent_env(**extra)
+
+    def _start(self, kind: str, spec: str = "", *args: str) -> Generation:
+        index = len(self.generations)
+        out, err = self.logs / f"gen{index:04d}.out", self.logs / f"gen{index:04d}.err"
+        with open(out, "w") as fo, open(err, "w") as fe:
+            proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(self.cfg), "run", *args],
+                                    cwd=self.folder, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=self._env(spec, index))
+        gen = Generation(index, kind, spec, proc, out, err, time.monotonic())
+        self.generations.append(gen)
+        return gen
+
+    def _ended(self, gen: Generation, fired_before: int) -> None:
+        gen.end = time.monotonic()
+        gen.firings = sum(count_firings(self.firing_log).values()) - fired_before
+
+    def _spec(self, focus: str | None) -> str:
+        chances = {p: self.focus_chance if p == focus else self.base_chance for p in POINTS}
+        return ",".join(f"{p}:{chance}" for p, chance in chances.items() if chance)
+
+    def _kill_delay(self) -> float:
+        # a third while it starts (ledger open, recovery, first poll), the rest while it runs, a few after a while
+        draw = self.rng.random()
+        return self.rng.uniform(0.05, 0.6) if draw < 0.35 else self.rng.uniform(0.6, 2.0) if draw < 0.9 else self.rng.uniform(2.0, 3.5)
+
+    def _lived(self, gen: Generation, delay: float) -> None:
+        """Let `gen` run for `delay` seconds, then SIGKILL it unless it died by itself."""
+        fired = sum(count_firings(self.firing_log).values())
+        try:
+            gen.proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            gen.proc.send_signal(signal.SIGKILL)
+            gen.signal = "KILL"
+            gen.proc.wait()
+        self._ended(gen, fired)
+
+    def _sigterm(self, gen: Generation, after: float) -> None:
+        """Wait until `gen` runs (its handler is installed), then SIGTERM it and time its exit."""
+        fired = sum(count_firings(self.firing_log).values())
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and gen.proc.poll() is None and "agent running" not in gen.err.read_text():
+            time.sleep(0.02)
+        if gen.proc.poll() is None:
+            time.sleep(after)
+            gen.proc.send_signal(signal.SIGTERM)
+            gen.signal = "TERM"
+            sent = time.monotonic()
+            try:
+                gen.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                gen.proc.kill()
+                gen.proc.wait()
+            gen.stop_seconds = round(time.monotonic() - sent, 2)
+        self._ended(gen, fired)
+
+    # -- phases -------------------------------------------------------------
+    def run(self) -> Report:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        with self.view, self.sink:
+            for server in (self.view._server, self.sink._server):  # clients killed mid-request are expected here
+                server.handle_error = lambda request, address: None
+            self.view.fail_with(self.view_faults)
+            self.cfg = write_config(self.folder, self.view.url, self.sink.url, concurrency=self.concurrency)
+            self.mutator.start()
+            try:
+                self._storm(started)
+            finally:
+                self.mutator.halt.set()
+                self.mutator.join()
+            storm_seconds = time.monotonic() - started
+            self.view_faults.on = self.sink.on = False
+            settled = self._settle()
+            self.report.figures.update(storm_seconds=round(storm_seconds, 1), total_seconds=round(time.monotonic() - started, 1))
+            self._judge()
+            self.report.figures.update(settled)
+        return self.report
+
+    def _storm(self, started: float) -> None:
+        kills, sigterm_done = 0, False
+        while kills < self.kills or self._short_points():
+            if time.monotonic() - started > self.time_limit:
+                self.report.problems.append(f"the storm hit its time limit ({self.time_limit:.0f}s) after {kills} kills; "
+                                            f"failpoints short of {self.min_firings}: {', '.join(self._short_points())}")
+                return
+            if not sigterm_done and kills >= self.kills // 2:
+                self._sigterm(self._start("sigterm"), after=self.rng.uniform(0.1, 0.8))
+                sigterm_done = True
+                continue
+            short = self._short_points()
+            if short and len(self.generations) % 2:
+                focus = short[(len(self.generations) // 2) % len(short)]
+                gen = self._start("failpoint", self._spec(focus))
+                self._lived(gen, self.rng.uniform(1.0, 3.0))
+            else:
+                gen = self._start("kill", self._spec(None))
+                self._lived(gen, self._kill_delay())
+            kills += gen.signal == "KILL"
+        if not sigterm_done:
+            self._sigterm(self._start("sigterm"), after=0.2)
+
+    def _short_points(self) -> list[str]:
+        counts = count_firings(self.firing_log)
+        return [p for p in self.points if counts[p] < self.min_firings]
+
+    def _settle(self) -> dict[str, Any]:
+        """Faults off: one clean `run` until nothing is left to do, SIGTERM, then `run --once` must find nothing.
+
+        Once it has drained, a few records get a new version stamped with the newest time it has already
+        seen (a tie at the cursor), and it must drain again.
+        """
+        gen = self._start("final")
+        deadline = time.monotonic() + self.drain_timeout
+        drained = False
+        for phase in ("faults stopped", "ties at the cursor"):
+            quiet = time.time()
+            drained = False
+            while time.monotonic() < deadline and gen.proc.poll() is None:
+                if self._drained(quiet):
+                    drained = True
+                    break
+                time.sleep(0.2)
+            if not drained:
+                break
+            if phase == "faults stopped":
+                self.mutator.tie(5)
+        if not drained:
+            self.report.problems.append(f"not drained within {self.drain_timeout:.0f}s after the faults stopped")
+        self._sigterm(gen, after=0)
+        once = self._start("final", "", "--once")
+        try:
+            once.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            once.proc.kill()
+            once.proc.wait()
+        self._ended(once, 0)
+        summary = once.out.read_text().strip()
+        if once.proc.returncode != 0 or "sent: 0" not in summary or "waiting: 0" not in summary or "new: 0" not in summary:
+            self.report.problems.append(f"run --once after draining: exit {once.proc.returncode}, {summary!r} (expected nothing new, sent or waiting)")
+        return {"drained after the faults stopped": drained, "then run --once": summary}
+
+    def _drained(self, quiet: float) -> bool:
+        """Nothing active in the ledger, and either every current version admitted or three good polls found nothing more."""
+        try:
+            conn = sqlite3.connect(f"file:{self.folder / 'var' / 'agent.db'}?mode=ro", uri=True, timeout=1)
+            try:
+                active = conn.execute(f"SELECT COUNT(*) FROM executions WHERE status IN {ACTIVE}").fetchone()[0]
+                keys = {r[0] for r in conn.execute("SELECT key FROM records")}
+                good_polls = conn.execute("SELECT COUNT(*) FROM polls WHERE error IS NULL AND started > ? AND finished IS NOT NULL", (quiet,)).fetchone()[0]
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return False
+        current = {r["lastSubmissionID"] for r in self.view.records}
+        return active == 0 and good_polls >= 1 and (current <= keys or good_polls >= 4)
+
+    # -- judgement -------------------------------------------------------------
+    def _judge(self) -> None:
+        problems, figures = self.report.problems, self.report.figures
+        ledger = read_ledger(self.folder / "var" / "agent.db")
+        admitted = {key for key, _id, _version in ledger["records"]}
+        executions = ledger["executions"]
+        current = {r["lastSubmissionID"]: r["RecordId"] for r in self.view.records}
+        events = self.sink.events
+        with open(self.folder / "sink-events.jsonl", "w") as f:  # for a post-mortem beside logs/ and var/agent.db
+            f.writelines(json.dumps(e.__dict__) + "\n" for e in events)
+        (self.folder / "generations.json").write_text(json.dumps(
+            [{"index": g.index, "kind": g.kind, "spec": g.spec, "start": g.start, "end": g.end, "signal": g.signal,
+              "exit": g.proc.returncode, "firings": g.firings} for g in self.generations], indent=1))
+        accepted: dict[str, set[str]] = collections.defaultdict(set)  # version -> keys it was accepted under
+        for e in events:
+            if e.kind == "accepted":
+                accepted[e.version].add(e.key)
+        delivered = set(accepted)
+
+        # nothing lost
+        for version in sorted(admitted - delivered)[:20]:
+            problems.append(f"admitted version {version} was never delivered")
+        for version in sorted(set(current) - delivered)[:20]:
+            problems.append(f"current version {version} of record {current[version]} was never delivered")
+        for version in sorted(delivered - admitted)[:20]:
+            problems.append(f"version {version} was delivered but the ledger has no record of it")
+        leftover = collections.Counter(status for _i, _k, _e, status, _a, _err in executions if status != "succeeded")
+        if leftover:
+            problems.append(f"executions not succeeded after draining: {dict(leftover)}")
+
+        # nothing twice
+        for version, keys in sorted(accepted.items(), key=lambda item: str(item[0])):
+            if len(keys) > 1:
+                problems.append(f"version {version} was accepted under {len(keys)} different idempotency keys")
+        keyless = sum(not e.key for e in events)
+        if keyless:
+            problems.append(f"{keyless} request(s) carried no idempotency key")
+        versions_of_key: dict[str, set] = collections.defaultdict(set)
+        for e in events:
+            if e.kind != "incomplete":
+                versions_of_key[e.key].add(e.version)
+        for key, versions in versions_of_key.items():
+            if key and len(versions) > 1:
+                problems.append(f"key {key} was used for {len(versions)} different versions: {sorted(map(str, versions))[:4]}")
+
+        # versions of one entity go out in the order they were admitted
+        first_accept = {e.version: e.t for e in reversed(events) if e.kind == "accepted"}
+        per_entity: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
+        for ex_id, key, entity, _s, _a, _err in executions:
+            per_entity[entity].append((ex_id, key))
+        for entity, rows in per_entity.items():
+            times = [first_accept[k] for _i, k in sorted(rows) if k in first_accept]
+            if times != sorted(times):
+                problems.append(f"record {entity}: versions were delivered out of the order they were admitted")
+
+        # repeated keys are explained by the faults
+        replays = [e for e in events if e.kind == "replay"]
+        by_key: dict[str, list[SinkEvent]] = collections.defaultdict(list)
+        for e in events:
+            if e.kind in ("accepted", "replay"):
+                by_key[e.key].append(e)
+        unexplained = 0
+        for key, seq in by_key.items():
+            for before, after in zip(seq, seq[1:]):
+                lost_answer = before.delivery in ("dropped", "slow")
+                if not (lost_answer or before.gen != after.gen):
+                    unexplained += 1
+                    if unexplained <= 5:
+                        problems.append(f"key {key} (version {after.version}) was sent again by the same agent process "
+                                        f"(generation {after.gen}) {after.t - before.t:.2f}s after the sink had answered it")
+        if unexplained > 5:
+            problems.append(f"... {unexplained} unexplained replays in all")
+        deaths = sum(g.proc.returncode == -signal.SIGKILL for g in self.generations)
+        drops, slows = self.sink.counts["drop"], self.sink.counts["slow"]
+        bound = drops + slows + self.concurrency * deaths
+        if len(replays) > bound:
+            problems.append(f"{len(replays)} replays > drops {drops} + slow answers {slows} + concurrency {self.concurrency} x deaths {deaths}")
+        refused = {e.key for e in events if e.kind.startswith("refused")}
+
+        # the processes
+        firings = count_firings(self.firing_log)
+        for g in self.generations:
+            rc = g.proc.returncode
+            if g.signal == "TERM":
+                if rc != 0 or g.stop_seconds is None or g.stop_seconds > 20:
+                    problems.append(f"generation {g.index} ({g.kind}): SIGTERM gave exit {rc} after {g.stop_seconds}s (expected 0 within 20s)")
+            elif g.signal is None and g.kind != "final" and not (rc == -signal.SIGKILL and g.firings):
+                problems.append(f"generation {g.index} ({g.kind}) exited by itself with {rc}: {g.err.read_text()[-400:]!r}")
+            elif g.signal is None and g.kind == "final" and rc != 0:
+                problems.append(f"generation {g.index} (run --once) exited {rc}: {g.err.read_text()[-400:]!r}")
+        texts = {g.index: g.out.read_text() + g.err.read_text() for g in self.generations}
+        tracebacks = [i for i, text in texts.items() if "Traceback" in text]
+        if tracebacks:
+            problems.append(f"a traceback in the output of generation(s) {tracebacks[:10]}: {texts[tracebacks[0]][texts[tracebacks[0]].index('Traceback'):][:600]!r}")
+        if any(PASSWORD in text for text in texts.values()):
+            problems.append("the view password appears in the agent's output")
+        for name in ("agent.db", "agent.db-wal", "agent.db-shm"):
+            path = self.folder / "var" / name
+            if path.exists() and PASSWORD.encode() in path.read_bytes():
+                problems.append(f"the view password appears in the ledger file {name}")
+        short = [p for p in self.points if firings[p] < self.min_firings]
+        if short:
+            problems.append(f"failpoints fired fewer than {self.min_firings} times: {', '.join(f'{p} {firings[p]}' for p in short)}")
+
+        kinds = collections.Counter(g.kind for g in self.generations)
+        figures.update({
+            "seed": self.seed,
+            "plant": self.plant or "none",
+            "generations": dict(kinds),
+            "SIGKILLs sent": sum(g.signal == "KILL" for g in self.generations),
+            "SIGTERM stops (exit, seconds)": [(g.proc.returncode, g.stop_seconds) for g in self.generations if g.signal == "TERM"],
+            "self-kills at failpoints": sum(g.signal is None and g.proc.returncode == -signal.SIGKILL for g in self.generations),
+            "failpoint firings": {p: firings[p] for p in POINTS},
+            "view": f"{len(self.view.records)} records, {self.mutator.versions} versions made, {len(self.view.hits)} requests, faults {dict(self.view_faults.counts - collections.Counter(ok=self.view_faults.counts['ok']))}",
+            "polls (started, finished well, pages read)": tuple(ledger["polls"]),
+            "versions admitted": len(admitted),
+            "versions delivered": len(delivered),
+            "current versions delivered": f"{len(set(current) & delivered)}/{len(current)}",
+            "sink requests": len(events),
+            "sink faults": dict(self.sink.counts),
+            "retries after a refusal (503/429)": len(refused),
+            "replays absorbed by the sink": f"{len(replays)} (sink.replays {self.sink.replays})",
+            "replay bound (asserted)": f"drops {drops} + slow answers {slows} + concurrency {self.concurrency} x SIGKILLed processes {deaths} = {bound}",
+            "replays vs drops + slow + kills + after_send firings (not asserted: one kill can orphan up to `concurrency` sends)":
+                f"{len(replays)} vs {drops + slows + sum(g.signal == 'KILL' for g in self.generations) + firings['after_send']}",
+            "unexplained replays": unexplained,
+        })
