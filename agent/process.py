@@ -121,7 +121,7 @@ class Agent:
                 if claimed:
                     self.failpoint("after_claim")
                 for ex in claimed:
-                    in_flight[pool.submit(self.runner.run, ex)] = ex
+                    in_flight[pool.submit(self._run, ex)] = ex
                 if not in_flight:
                     break
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
@@ -138,6 +138,14 @@ class Agent:
         if result.sent or result.failed or result.dead:
             logger.info("drain: {} sent, {} failed, {} dead, {} retrying, {} paused", result.sent, result.failed, result.dead, result.retrying, result.paused)
         return result
+
+    def _run(self, ex: Execution) -> Finish:
+        """One execution's run; a bug in a step fails that execution (re-queueable), never the agent."""
+        try:
+            return self.runner.run(ex)
+        except Exception as error:
+            logger.exception("execution {} ({}, record {}) hit an internal error", ex.id, ex.flow, ex.key)
+            return Finish("failed", ex.step, ex.context, error=f"internal error: {type(error).__name__}: {error}")
 
     @staticmethod
     def _tally(result: DrainResult, ex: Execution, finish: Finish) -> None:

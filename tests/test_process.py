@@ -58,3 +58,17 @@ def test_a_failed_admission_admits_nothing_and_the_next_poll_does(tmp_path):
         assert result.new == 1
     finally:
         agent.close()
+
+
+def test_a_bug_in_a_step_fails_that_execution_not_the_agent(tmp_path, monkeypatch):
+    agent = make_agent(tmp_path, [{"id": 1}, {"id": 2}])
+    try:
+        agent.poll_all()
+        real = agent.runner.run
+        monkeypatch.setattr(agent.runner, "run", lambda ex: real(ex) if ex.key == "2" else {}["boom"])
+        result = agent.drain()
+        assert (result.failed, result.sent) == (1, 1)
+        [row] = agent.ledger.executions(status="failed")
+        assert row["key"] == "1" and "internal error: KeyError" in row["last_error"]
+    finally:
+        agent.close()
