@@ -16,7 +16,7 @@ from loguru import logger
 
 from agent.config import Config
 from agent.templates import RenderError, Templates
-from sources.base import Page, SourceConfig, SourceError, dig
+from sources.base import Page, SourceConfig, SourceError
 from state.ledger import Admission, Ledger
 
 

@@ -12,16 +12,14 @@ The pages and the bare rows (JSON contexts included) are built once, before anyt
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import json
 import sqlite3
 import time
-from pathlib import Path
 from typing import Iterator
 
-from common import PAGE, Row, human, scratch, table, timed
+from common import PAGE, Row, human, main, scratch, timed
 from state.ledger import Admission, Ledger
 from viewserver import make_leads
 
@@ -116,8 +114,4 @@ def run(quick: bool, repeats: int) -> list[Row]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    print(table(run(args.quick, args.repeats)))
+    main(run, __doc__)

@@ -146,3 +146,14 @@ def table(rows: list[Row]) -> str:
 
 def human(n: int) -> str:
     return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def main(run, doc: str | None) -> None:
+    """The command line of one benchmark script: --quick, --repeats N, then its table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(table(run(args.quick, args.repeats)))

@@ -13,14 +13,13 @@ fresh sink per measurement.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
 from agent.flows import idempotency_key
-from common import PAGE, Row, human, make_agent, scratch, served, table, timed
+from common import PAGE, Row, human, main, make_agent, scratch, served, timed
 
 
 def bodies(view_url: str) -> list[tuple[dict, str]]:
@@ -90,8 +89,4 @@ def run(quick: bool, repeats: int) -> list[Row]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    print(table(run(args.quick, args.repeats)))
+    main(run, __doc__)

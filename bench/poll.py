@@ -9,12 +9,11 @@ re-poll  a second poll of the unchanged view on the delivered ledger: every reco
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import requests
 
-from common import PAGE, Row, human, make_agent, scratch, served, table, timed
+from common import PAGE, Row, human, main, make_agent, scratch, served, timed
 
 
 def bare_fetch(url: str) -> int:
@@ -69,8 +68,4 @@ def run(quick: bool, repeats: int) -> list[Row]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    print(table(run(args.quick, args.repeats)))
+    main(run, __doc__)

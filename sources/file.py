@@ -12,9 +12,8 @@ A relative ``path`` resolves against the folder of the config file.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Iterator, Literal
 
 from pydantic import Field
 

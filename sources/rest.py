@@ -19,7 +19,6 @@ followed, so credentials only ever go where the config points.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Iterator, Literal, Union

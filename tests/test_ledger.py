@@ -1,12 +1,11 @@
 """The ledger on a real SQLite file: admission, claims, finishing, recovery, locking, damage."""
 import os
-import sqlite3
 import stat
 
 import pytest
 
 from state.base import LedgerBusy, LedgerDamaged
-from state.ledger import Admission, Execution, Finish, Ledger
+from state.ledger import Admission, Finish, Ledger
 
 NOW = 1_800_000_000.0
 
