@@ -126,7 +126,9 @@ class FlowRunner:
         if not step.wait_for_response and not ex.single:
             context.setdefault("steps", {})[str(index)] = {"queued": True}
             spawn.append({"step": index, "context": {**context, "steps": dict(context.get("steps", {}))}})
-            return None
+            now = self.clock()  # QUEUE_ACTION_SUCCESSFUL: the call itself runs as its own execution, with retries
+            return {"step": index, "n": 1, "first": now, "started": now, "finished": now, "outcome": "queued",
+                    "status_code": None, "error": None}
         model = self.config.connectors[connector_name].actions()[action]
         try:
             data = model.model_validate(self._inputs(step, model, values)).model_dump()

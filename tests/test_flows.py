@@ -208,6 +208,8 @@ def test_wait_for_response_false_queues_the_call_and_goes_on(tmp_path, ledger):
     drive(ledger, runner, clock)
     statuses = sorted(r["status"] for r in ledger.executions())
     assert statuses == ["retrying", "succeeded"]  # the flow went on; the queued call waits for its retry
+    parent = next(r for r in ledger.executions() if r["status"] == "succeeded")
+    assert [a["outcome"] for a in ledger.attempts_of(parent["id"])] == ["queued"]
     clock.t += 60
     drive(ledger, runner, clock)
     assert sorted(r["status"] for r in ledger.executions()) == ["succeeded", "succeeded"]
