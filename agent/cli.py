@@ -160,8 +160,9 @@ def _once(agent, polls) -> int:
     return FAILED if bad else OK
 
 
-def _readonly(config: Config) -> Ledger:
-    return Ledger(config.ledger_path, hold=False)  # beside a running agent; reads only
+def _beside(config: Config) -> Ledger:
+    """The ledger for an operator command: it works beside a running agent (no lock, no migration)."""
+    return Ledger(config.ledger_path, hold=False)
 
 
 def _when(ts: float | None) -> str:
@@ -170,7 +171,7 @@ def _when(ts: float | None) -> str:
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     now = time.time()
-    with _readonly(config) as ledger:
+    with _beside(config) as ledger:
         known = ledger.sources()
         counts = ledger.counts()
         paused = ledger.pause_reasons()
@@ -216,7 +217,7 @@ def _print_status(report: dict) -> None:
 
 
 def cmd_executions(config: Config, args: argparse.Namespace) -> int:
-    with _readonly(config) as ledger:
+    with _beside(config) as ledger:
         if args.id is not None:
             rows = ledger.executions(ids=[args.id])
             if not rows:
@@ -255,7 +256,7 @@ def _describe(row: dict) -> str:
 def cmd_retry(config: Config, args: argparse.Namespace) -> int:
     if not args.ids and not args.dead:
         raise Usage("name execution ids, or --dead for every dead one")
-    with Ledger(config.ledger_path, hold=False) as ledger:
+    with _beside(config) as ledger:
         found = ledger.requeue(args.ids, time.time(), dead=args.dead)
     missing = sorted(set(args.ids) - set(found))
     if args.json:
@@ -327,7 +328,7 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     if not any(flow.name == args.flow for flow in config.flows):
         raise Usage(f"unknown flow {args.flow!r} (known: {', '.join(f.name for f in config.flows) or 'none'})")
     since = _parse_since(args.since)
-    with Ledger(config.ledger_path, hold=False) as ledger:
+    with _beside(config) as ledger:
         ids = ledger.replayable(args.flow, since, args.entity)
         if not ids:
             print("nothing to replay")
@@ -382,9 +383,8 @@ def report_text(report: dict) -> str:
 
 def cmd_prune(config: Config, args: argparse.Namespace) -> int:
     now = time.time()
-    windows = {name: cfg.window for name, cfg in config.sources.items() if cfg.window}
-    with Ledger(config.ledger_path, hold=False) as ledger:  # beside a running agent, which also prunes hourly
-        removed = ledger.prune(now - config.agent.retention, windows, now)
+    with _beside(config) as ledger:  # the running agent also prunes hourly
+        removed = ledger.prune(now - config.agent.retention, config.windows(), now)
     print(json.dumps(removed) if args.json else ", ".join(f"{k}: {v} pruned" for k, v in removed.items()))
     return OK
 

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 import sinks
 import sources
 from sinks.base import Action
+from agent.templates import TemplateSyntaxProblem, Templates
 from sources.base import Seconds
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -175,11 +176,16 @@ class Config:
         self.connectors: dict[str, Any] = {}
         self.auth: dict[str, Any] = {}  # "sources.NAME" / "connectors.NAME" -> Auth model
         self.secrets: list[str] = []
+        self.templates = Templates()  # compiled once while checking, reused by the running agent
 
     @property
     def ledger_path(self) -> Path:
         path = self.agent.ledger
         return path if path.is_absolute() else self.base_dir / path
+
+    def windows(self) -> dict[str, float]:
+        """source -> how far back its view reaches, for the sources that say (seen keys older than that may go)."""
+        return {name: cfg.window for name, cfg in self.sources.items() if cfg.window}
 
     def flows_of(self, source: str) -> list[FlowConfig]:
         return [flow for flow in self.flows if flow.source == source]
@@ -358,9 +364,7 @@ def _validate_auth(table: Any, where: str, problems: list) -> Any:
 
 def _check_flows(config: Config, problems: list) -> None:
     """Cross references: sources, connectors, action paths, input fields, templates."""
-    from agent.templates import TemplateSyntaxProblem, Templates
-
-    templates = Templates()
+    templates = config.templates
     names = set()
     for i, flow in enumerate(config.flows):
         where = f"flows[{i}]"

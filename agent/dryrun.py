@@ -33,7 +33,7 @@ def dry_run(config: Config, flow: FlowConfig, record: Any) -> dict[str, Any]:
     except BadRecord as error:
         return {"flow": flow.name, "key": None, "status": "bad record", "error": str(error), "steps": []}
     dry = DryRun()
-    runner = FlowRunner(config, {name: dry for name in config.connectors}, clock=time.time)
+    runner = FlowRunner(config, {name: dry for name in config.connectors}, clock=time.time, templates=config.templates)
     ex = Execution(0, flow.name, flow.source, item.key, item.entity, 0, 1, None, {"record": record, "cursor": None})
     while True:
         finish = runner.run(ex)

@@ -30,12 +30,21 @@ def idempotency_key(flow: str, step: int, source: str, key: str, replay: int = 0
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
+def _resolve(config: Config, step: ActionStep) -> tuple[str, Action, type, RetryPolicy]:
+    """What an action step calls, with what input model, under which retry policy."""
+    connector, action = step.target()
+    return connector, action, config.connectors[connector].actions()[action], RetryPolicy.from_config(step.retry)
+
+
 class FlowRunner:
     def __init__(self, config: Config, connectors: dict[str, Connector], *, clock: Callable[[], float],
                  templates: Templates | None = None, rand: Callable[[], float] = random.random,
                  failpoint: Callable[[str], None] = lambda name: None):
         self.flows: dict[str, FlowConfig] = {flow.name: flow for flow in config.flows}
-        self.config = config
+        self.targets = {  # (flow, step index) -> (connector, action, input model, retry policy), resolved once
+            (flow.name, index): _resolve(config, step)
+            for flow in config.flows for index, step in enumerate(flow.steps) if isinstance(step, ActionStep)
+        }
         self.connectors = connectors
         self.templates = templates or Templates()
         self.clock = clock
@@ -122,14 +131,13 @@ class FlowRunner:
         return data
 
     def _action(self, ex: Execution, index: int, step: ActionStep, context: dict, values: dict, spawn: list, log) -> Finish | dict | None:
-        connector_name, action = step.target()
+        connector_name, action, model, _ = self.targets[(ex.flow, index)]
         if not step.wait_for_response and not ex.single:
             context.setdefault("steps", {})[str(index)] = {"queued": True}
             spawn.append({"step": index, "context": {**context, "steps": dict(context.get("steps", {}))}})
             now = self.clock()  # QUEUE_ACTION_SUCCESSFUL: the call itself runs as its own execution, with retries
             return {"step": index, "n": 1, "first": now, "started": now, "finished": now, "outcome": "queued",
                     "status_code": None, "error": None}
-        model = self.config.connectors[connector_name].actions()[action]
         try:
             data = model.model_validate(self._inputs(step, model, values)).model_dump()
         except ValidationError as error:
@@ -191,7 +199,7 @@ class FlowRunner:
         error = f"{where}: {outcome.error or outcome.status}"
         if outcome.status == "paused":
             return Finish("paused", index, context, next_at=now + PAUSE_PROBE, error=error, attempt=attempt)
-        policy = RetryPolicy.from_config(step.retry)
+        policy = self.targets[(ex.flow, index)][3]
         if outcome.status == "retryable" and policy.covers(outcome.condition, outcome.status_code):
             at = policy.next_time(attempt["n"], attempt["first"], now, outcome.retry_after, self.rand)
             if at is not None:

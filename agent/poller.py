@@ -143,7 +143,7 @@ class Poller:
         log = logger.bind(source=name)
         row = self.ledger.cursor(name)
         cursor = row["value"] if row else None
-        prime = cfg.first_run == "skip" and not self.ledger.primed(name)
+        prime = cfg.first_run == "skip" and not (row and row["last_success"] is not None)  # no good poll yet: first run
         flows = [(flow.name, cfg.supersede) for flow in self.config.flows_of(name)]
         self._warn_gap(name, cfg, row, log)
         started = self.clock()

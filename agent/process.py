@@ -20,11 +20,10 @@ from agent.flows import FlowRunner
 from agent.http import build_session
 from agent.logs import Progress
 from agent.poller import Poller, PollResult
-from agent.templates import Templates
 from sinks.base import SinkError
 from sources.base import SourceError
 from state.base import LedgerError
-from state.ledger import Execution, Finish, Ledger
+from state.ledger import WAITING, Execution, Finish, Ledger
 
 
 LEDGER_RETRY = 5.0  # seconds between tries while the ledger cannot be written
@@ -77,7 +76,7 @@ class Agent:
         self.clock = clock
         self.stopping = stopping or threading.Event()
         self._unsettled = False  # a write failed: some steps may have been sent without their outcome recorded
-        templates = Templates()
+        templates = config.templates
         self.sources, self.connectors = build_plugins(config, clock=clock, session_factory=session_factory)
         self.failpoint = failpoints.from_env()
         self.ledger = ledger or Ledger(config.ledger_path, failpoint=self.failpoint)  # after the plugins: a config error touches no ledger
@@ -116,8 +115,10 @@ class Agent:
             batch: list[tuple[Execution, Finish]] = []
             while True:
                 free = 0 if self.stopping.is_set() else size - len(in_flight)
-                # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send
-                claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease)
+                # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send;
+                # when a paused connector answered again, its waiting work becomes due in the same transaction
+                wake, self.runner.resumed = self.runner.resumed, False
+                claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease, wake=wake)
                 if claimed:
                     self.failpoint("after_claim")
                 for ex in claimed:
@@ -128,11 +129,6 @@ class Agent:
                 batch = [(in_flight.pop(f), f.result()) for f in done]
                 for ex, finish in batch:
                     self._tally(result, ex, finish)
-                if self.runner.resumed:
-                    self.runner.resumed = False
-                    self.ledger.finish_and_claim(batch, self.clock(), 0, 0)
-                    self.ledger.wake_paused(self.clock())
-                    batch = []
                 self.progress(f"delivering: {result.sent} sent, {result.failed + result.dead} failed, {len(in_flight)} in flight")
         self.progress.done()
         if result.sent or result.failed or result.dead:
@@ -159,8 +155,7 @@ class Agent:
     def prune(self) -> dict[str, int]:
         """Apply retention: finished work older than it goes; seen keys go only when older than their source's window."""
         now = self.clock()
-        windows = {name: cfg.window for name, cfg in self.config.sources.items() if cfg.window}
-        removed = self.ledger.prune(now - self.config.agent.retention, windows, now)
+        removed = self.ledger.prune(now - self.config.agent.retention, self.config.windows(), now)
         if any(removed.values()):
             logger.info("pruned: {}", ", ".join(f"{v} {k}" for k, v in removed.items()))
         return removed
@@ -168,7 +163,7 @@ class Agent:
     def waiting(self) -> tuple[int, int]:
         """(executions waiting for their time, of which paused)."""
         counts = self.ledger.counts()
-        waiting = sum(n for flow in counts.values() for status, n in flow.items() if status in ("pending", "retrying", "paused"))
+        waiting = sum(n for flow in counts.values() for status, n in flow.items() if status in WAITING)
         return waiting, sum(flow.get("paused", 0) for flow in counts.values())
 
     def run_forever(self, idle: float = 5.0) -> None:

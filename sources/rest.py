@@ -57,35 +57,37 @@ class NoPaging(_Paging):
         return None if last else (url, params)
 
 
-class PagePaging(_Paging):
+class _SizedPaging(_Paging):
+    """Page and offset paging: ask for `size` records at a position until a page comes back short."""
+
+    size_param: str | None
+    size: int = Field(100, ge=1)
+
+    def follow(self, url: str, params: dict[str, str], last: Response | None):
+        if last and last.count < self.size:
+            return None
+        sizing = {self.size_param: str(self.size)} if self.size_param else {}
+        return url, {**params, **sizing, self.param: str(self.position(last.number if last else 0))}
+
+
+class PagePaging(_SizedPaging):
     kind: Literal["page"]
     param: str = "page"
     size_param: str | None = "pageSize"
-    size: int = Field(100, ge=1)
     start: int = 1
 
-    def follow(self, url: str, params: dict[str, str], last: Response | None):
-        """Ask for the next page number until a page comes back short."""
-        if last and last.count < self.size:
-            return None
-        sizing = {self.size_param: str(self.size)} if self.size_param else {}
-        return url, {**params, **sizing, self.param: str(self.start + (last.number if last else 0))}
+    def position(self, pages_read: int) -> int:
+        return self.start + pages_read
 
 
-class OffsetPaging(_Paging):
+class OffsetPaging(_SizedPaging):
     kind: Literal["offset"]
     param: str = "offset"
     size_param: str | None = "limit"
-    size: int = Field(100, ge=1)
     start: int = 0
 
-    def follow(self, url: str, params: dict[str, str], last: Response | None):
-        """Ask for the next `size` records until a page comes back short."""
-        if last and last.count < self.size:
-            return None
-        sizing = {self.size_param: str(self.size)} if self.size_param else {}
-        offset = self.start + (last.number * self.size if last else 0)
-        return url, {**params, **sizing, self.param: str(offset)}
+    def position(self, pages_read: int) -> int:
+        return self.start + pages_read * self.size
 
 
 class CursorPaging(_Paging):

@@ -32,10 +32,12 @@ from sqlite_utils.migrations import Migrations
 
 from state.base import LedgerBusy, LedgerDamaged, LedgerError, LedgerUnwritable
 
-ACTIVE = ("pending", "running", "retrying", "paused")
 WAITING = ("pending", "retrying", "paused")
+ACTIVE = WAITING + ("running",)
 FINISHED = ("succeeded", "filtered", "superseded")
 STATUSES = ACTIVE + FINISHED + ("failed", "dead", "quarantined")
+_IN_WAITING = f"IN {WAITING}"  # SQL: status IN ('pending', 'retrying', 'paused')
+_IN_ACTIVE = f"IN {ACTIVE}"
 
 migrations = Migrations("sync-agent-ledger")
 
@@ -135,14 +137,13 @@ def _json(value: Any) -> str:
 class Ledger:
     """The SQLite ledger file, held exclusively by this process while open."""
 
-    def __init__(self, path: Path | str, *, readonly: bool = False, hold: bool = True, busy_timeout: float = 5.0,
+    def __init__(self, path: Path | str, *, hold: bool = True, busy_timeout: float = 5.0,
                  failpoint: Callable[[str], None] = lambda name: None):
-        """Open (creating and migrating) the ledger as its one agent; ``hold=False`` or
-        ``readonly`` open an existing ledger beside a running agent (operator commands)."""
+        """Open (creating and migrating) the ledger as its one agent; ``hold=False`` opens an
+        existing ledger beside a running agent (operator commands)."""
         self.path = Path(path)
         self.failpoint = failpoint  # fault tests crash the process inside transactions through this
-        self.readonly = readonly
-        self.hold = hold and not readonly
+        self.hold = hold
         self._lock_fd: int | None = None
         if self.hold:
             self._lock()
@@ -179,12 +180,10 @@ class Ledger:
             raise LedgerUnwritable(f"{self.path}: no ledger yet (run the agent once to create it)")
         old_umask = os.umask(0o177)  # the ledger and its -wal/-shm are created 0600
         try:
-            uri = f"file:{self.path}?mode=ro" if self.readonly else f"file:{self.path}"
-            conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            if not self.readonly:
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             return conn
         except sqlite3.DatabaseError as error:
@@ -345,11 +344,6 @@ class Ledger:
         rows = self._rows("SELECT * FROM cursors WHERE source = ?", (source,))
         return rows[0] if rows else None
 
-    def primed(self, source: str) -> bool:
-        """True once a poll of this source has succeeded (so it is no longer its first run)."""
-        row = self.cursor(source)
-        return bool(row and row["last_success"] is not None)
-
     def start_poll(self, source: str, now: float) -> int:
         with self.write() as conn:
             return conn.execute("INSERT INTO polls (source, started, pages, fetched, new, primed, quarantined) VALUES (?, ?, 0, 0, 0, 0, 0)", (source, now)).lastrowid
@@ -394,13 +388,16 @@ class Ledger:
         """
         return self.finish_and_claim([], now, limit, lease)
 
-    def finish_and_claim(self, done: list[tuple[Execution, "Finish"]], now: float, limit: int, lease: float) -> list[Execution]:
-        """Record finished runs, then claim up to ``limit`` due executions, in one transaction."""
-        if not done and limit <= 0:
+    def finish_and_claim(self, done: list[tuple[Execution, "Finish"]], now: float, limit: int, lease: float,
+                         *, wake: bool = False) -> list[Execution]:
+        """Record finished runs, then (``wake``) make paused work due, then claim up to ``limit``, in one transaction."""
+        if not done and limit <= 0 and not wake:
             return []
         with self.write() as conn:
             for execution, result in done:
                 self._finish_one(conn, execution, result, now)
+            if wake:
+                self._wake(conn, now)
             rows = self._due(now, limit) if limit > 0 else []
             conn.executemany(
                 "UPDATE executions SET status = 'running', attempts = attempts + 1, first_attempt = COALESCE(first_attempt, ?),"
@@ -415,9 +412,9 @@ class Ledger:
 
     def _due(self, now: float, limit: int) -> list[dict]:
         return self._rows(
-            "SELECT e.* FROM executions e WHERE e.status IN ('pending', 'retrying', 'paused') AND e.next_at <= ?"
+            f"SELECT e.* FROM executions e WHERE e.status {_IN_WAITING} AND e.next_at <= ?"
             " AND NOT EXISTS (SELECT 1 FROM executions o WHERE o.flow = e.flow AND o.entity = e.entity AND o.id < e.id"
-            " AND o.single = 0 AND e.single = 0 AND o.status IN ('pending', 'running', 'retrying', 'paused'))"
+            f" AND o.single = 0 AND e.single = 0 AND o.status {_IN_ACTIVE})"
             " ORDER BY e.next_at, e.id LIMIT ?",
             (now, limit),
         )
@@ -461,11 +458,15 @@ class Ledger:
     def wake_paused(self, now: float) -> int:
         """Make paused executions due now (their connector answers again)."""
         with self.write() as conn:
-            return conn.execute("UPDATE executions SET next_at = ?, updated = ? WHERE status = 'paused'", (now, now)).rowcount
+            return self._wake(conn, now)
+
+    @staticmethod
+    def _wake(conn: sqlite3.Connection, now: float) -> int:
+        return conn.execute("UPDATE executions SET next_at = ?, updated = ? WHERE status = 'paused'", (now, now)).rowcount
 
     def next_due(self) -> float | None:
         """The earliest time a waiting execution becomes due, or None."""
-        row = self.conn.execute("SELECT MIN(next_at) FROM executions WHERE status IN ('pending', 'retrying', 'paused')").fetchone()
+        row = self.conn.execute(f"SELECT MIN(next_at) FROM executions WHERE status {_IN_WAITING}").fetchone()
         return row[0]
 
     # -- operator views and actions -----------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_cursor_moves_only_after_a_successful_poll(ledger):
     poll = ledger.start_poll("s", NOW)
     ledger.end_poll(poll, "s", NOW + 1, pages=2, fetched=5, new=5, primed=0, quarantined=0, error=None, cursor="2026-01-01T00:00:00Z")
     assert ledger.cursor("s")["value"] == "2026-01-01T00:00:00Z"
-    assert ledger.primed("s")
+    assert ledger.cursor("s")["last_success"] == NOW + 1
     poll = ledger.start_poll("s", NOW + 10)
     ledger.end_poll(poll, "s", NOW + 11, pages=1, fetched=1, new=1, primed=0, quarantined=0, error="page 2: HTTP 500", cursor="2027-01-01T00:00:00Z")
     row = ledger.cursor("s")
@@ -91,7 +91,7 @@ def test_cursor_moves_only_after_a_successful_poll(ledger):
 def test_a_source_is_not_primed_until_a_poll_succeeds(ledger):
     poll = ledger.start_poll("s", NOW)
     ledger.end_poll(poll, "s", NOW, pages=0, fetched=0, new=0, primed=0, quarantined=0, error="HTTP 401", cursor=None)
-    assert not ledger.primed("s")
+    assert ledger.cursor("s")["last_success"] is None
 
 
 def test_claim_takes_due_work_in_order_and_holds_a_lease(ledger):
