@@ -9,8 +9,9 @@ TEXT = "{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | {message}"
 _LINES: list["Progress"] = []
 
 
-def setup(level: str = "INFO", fmt: str = "text", secrets: list[str] | None = None, sink=sys.stderr) -> None:
-    """Route loguru to ``sink``; any configured secret that slips into a message is masked."""
+def setup(level: str = "INFO", fmt: str = "text", secrets: list[str] | None = None, sink=None) -> None:
+    """Route loguru to ``sink`` (the current stderr by default); any configured secret that slips into a message is masked."""
+    sink = sink or sys.stderr
     hidden = sorted({s for s in secrets or [] if len(s) >= 4}, key=len, reverse=True)
 
     def mask(record) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -17,6 +18,7 @@ from loguru import logger
 from agent.config import Config
 from agent.templates import RenderError, Templates
 from sources.base import Page, SourceConfig, SourceError
+from state.base import LedgerError
 from state.ledger import Admission, Ledger
 
 
@@ -84,28 +86,53 @@ def identify(record: Any, cfg: SourceConfig) -> Admission:
     return Admission(key=key, id=rid, version=version, hash=digest, entity=entity, context={"record": record})
 
 
-def _parse_time(value: Any) -> datetime | float | None:
+FUTURE_TOLERANCE = 300.0  # seconds an `updated` may lie ahead of the agent's clock (clock skew) and still count
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """An `updated` value read as a time: its kind, epoch seconds, and the date-time for ISO text."""
+
+    kind: str  # "iso" | "epoch_s" | "epoch_ms"
+    seconds: float
+    at: datetime | None = None
+
+
+def read_stamp(value: Any) -> Stamp | None:
+    """ISO 8601 text or an epoch number (seconds, or milliseconds above 1e11) as a Stamp; anything else None."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        parsed = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
-    except ValueError:
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            return None
+        if not math.isfinite(number):
+            return None
+        return Stamp("epoch_ms", number / 1000.0) if abs(number) > 1e11 else Stamp("epoch_s", number)
+    if not isinstance(value, str) or len(value) > 64:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        return Stamp("iso", parsed.timestamp(), parsed)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def cursor_value(highest: Any, overlap: float) -> str | None:
-    """The highest `updated` seen minus the overlap, in the view's own style where possible."""
-    parsed = _parse_time(highest)
-    if parsed is None:
-        return None if highest is None else str(highest)
-    if isinstance(parsed, float):
-        scale = 1000.0 if parsed > 1e11 else 1.0  # epoch milliseconds vs seconds
-        value = parsed - overlap * scale
+    """The highest `updated` seen minus the overlap, in the view's own style; None when it is not a time."""
+    stamp = read_stamp(highest)
+    if stamp is None:
+        return None
+    if stamp.at is None:
+        scale = 1000.0 if stamp.kind == "epoch_ms" else 1.0
+        value = float(highest) - overlap * scale
         return str(int(value)) if float(value).is_integer() else str(value)
-    moved = (parsed - timedelta(seconds=overlap)).astimezone(timezone.utc)
+    try:
+        moved = (stamp.at - timedelta(seconds=overlap)).astimezone(timezone.utc)
+    except OverflowError:
+        return None
     return moved.strftime("%Y-%m-%dT%H:%M:%S") + (f".{moved.microsecond:06d}" if moved.microsecond else "") + "Z"
 
 
@@ -115,11 +142,16 @@ MAX_PASSES = 3  # reads of one view in one poll when its order shifts under the 
 @dataclass
 class _PollState:
     cursor: str | None
-    prime: bool
     flows: list
-    highest: Any = None
+    started: float
+    priming: float | None = None  # when priming began (first_run = "skip" and no good poll yet)
+    kind: str | None = None  # the kind of time the cursor holds ("iso", "epoch_s", "epoch_ms")
+    highest: Stamp | None = None
+    highest_raw: Any = None
+    unusable: list = field(default_factory=list)  # (record key, value, why) of new records whose `updated` cannot move the cursor
+    first: tuple | None = None  # page 1's record signatures and total, as this pass read them
     previous: set = field(default_factory=set)
-    shifted: bool = False
+    shifted: str = ""  # why this pass cannot be trusted to have read every record
     truncated: bool = False
 
 
@@ -138,54 +170,93 @@ class Poller:
         self.templates = templates or Templates()
 
     def poll(self, name: str) -> PollResult:
+        """One poll; a bad value from the view or a bug fails this poll, never the agent, and what was admitted stays."""
         cfg = self.config.sources[name]
         result = PollResult(name)
         log = logger.bind(source=name)
         row = self.ledger.cursor(name)
         cursor = row["value"] if row else None
-        prime = cfg.first_run == "skip" and not (row and row["last_success"] is not None)  # no good poll yet: first run
         flows = [(flow.name, cfg.supersede) for flow in self.config.flows_of(name)]
         self._warn_gap(name, cfg, row, log)
         started = self.clock()
         poll_id = self.ledger.start_poll(name, started)
-        state = _PollState(cursor=cursor, prime=prime, flows=flows)
+        state = _PollState(cursor=cursor, flows=flows, started=started)
+        state.kind = stamp.kind if (stamp := read_stamp(cursor)) else None
+        if cfg.first_run == "skip" and not (row and row["last_success"] is not None):  # no good poll yet: first run
+            state.priming = self.ledger.start_priming(name, started)
         try:
-            params = {k: str(v) for k, v in self.templates.render(getattr(cfg, "params", {}) or {}, {"cursor": cursor or "", "source": name, "now": started}).items()}
-            for number in range(1, MAX_PASSES + 1):
-                state.previous, state.shifted = set(), False
-                for page in self.sources[name].pages(params):
-                    self.failpoint("after_fetch")
-                    self._page(name, cfg, page, state, result, log)
-                    self.progress(f"poll {name}: page {page.number}, {result.fetched} records, {result.new + result.primed} new")
-                if not state.shifted or number == MAX_PASSES:
-                    break
-                log.info("{}: the view's order shifted while paging (a record showed on two pages); reading it again (pass {})", name, number + 1)
+            self._read(name, cfg, state, result, log)
         except SourceError as error:
             result.error = str(error)
         except RenderError as error:
             result.error = f"params: {error}"
+        except LedgerError:
+            raise
+        except Exception as error:  # a value no check foresaw: this poll fails, the records admitted so far stay
+            log.opt(exception=error).debug("poll of {} failed unexpectedly", name)
+            result.error = f"unexpected error while polling: {type(error).__name__}: {str(error)[:200]}"
         if state.truncated:
             log.warning("{}: the poll stopped at paging.max_pages; the cursor stays so the older pages are not skipped", name)
         elif state.shifted:
-            log.warning("{}: the view's order kept shifting over {} reads; the cursor stays so the next poll reads the same range", name, MAX_PASSES)
+            log.warning("{}: {} on every one of {} reads; the cursor stays so the next poll reads the same range", name, state.shifted, MAX_PASSES)
         elif state.highest is not None:
-            result.cursor = cursor_value(state.highest, cfg.overlap)
+            result.cursor = cursor_value(state.highest_raw, cfg.overlap)
+        self._report_unusable(name, cfg, state, log)
+        self._report_priming(name, cfg, state, row, result, log)
         self.ledger.end_poll(poll_id, name, self.clock(), pages=result.pages, fetched=result.fetched, new=result.new,
                              primed=result.primed, quarantined=result.quarantined, error=result.error, cursor=result.cursor)
         self._log(result, log)
         return result
 
+    def _read(self, name: str, cfg: SourceConfig, state: "_PollState", result: PollResult, log) -> None:
+        """Read the view, again (up to MAX_PASSES) when its order shifted or records left it while it was paged."""
+        params = {k: str(v) for k, v in self.templates.render(getattr(cfg, "params", {}) or {}, {"cursor": state.cursor or "", "source": name, "now": state.started}).items()}
+        for number in range(1, MAX_PASSES + 1):
+            state.previous, state.shifted, state.first, pages = set(), "", None, 0
+            for page in self.sources[name].pages(params):
+                self.failpoint("after_fetch")
+                self._page(name, cfg, page, state, result, log)
+                pages += 1
+                self.progress(f"poll {name}: page {page.number}, {result.fetched} records, {result.new + result.primed} new")
+            if not state.shifted and pages > 1 and not state.truncated:
+                state.shifted = self._moved(name, cfg, params, state)
+            if not state.shifted or number == MAX_PASSES:
+                return
+            log.info("{}: {}; reading it again (pass {})", name, state.shifted, number + 1)
+
+    def _moved(self, name: str, cfg: SourceConfig, params: dict[str, str], state: "_PollState") -> str:
+        """Read page 1 again: if records left the view or moved up while it was paged, some may have been skipped."""
+        pages = self.sources[name].pages(params)
+        try:
+            again = next(pages, None)
+        finally:
+            pages.close()
+        if again is None or state.first is None:
+            return ""
+        before, total_before = state.first
+        after, total_after = _signatures(again.records, cfg), again.meta.get("total")
+        if before == after and total_before == total_after:
+            return ""
+        for added in range(1, len(after)):  # only new records pushed in at the top, the old top still there below them
+            if after[added:] == before[:len(after) - added] and not set(after[:added]) & set(before):
+                inserted = not self.ledger.seen(name, set(after[:added]))  # a key seen before moved up: not an insertion
+                if inserted and (total_before is None or total_after is None or total_after == total_before + added):
+                    return ""
+                break
+        return "the view changed while it was paged (records left it or moved up a page)"
+
     def _page(self, name: str, cfg: SourceConfig, page: Page, state: "_PollState", result: PollResult, log) -> None:
-        """Identify, quarantine and admit one page; note the highest `updated` and any shift."""
+        """Identify, quarantine and admit one page; note the highest usable `updated` and any shift."""
+        if page.number == 1:
+            state.first = (_signatures(page.records, cfg), page.meta.get("total"))
         known = self._known(name, cfg, page.records)
         good: list[Admission] = []
         keys: set[str] = set()
         for position, record in enumerate(page.records):
-            if cfg.updated and isinstance(record, dict) and record.get(cfg.updated) is not None:
-                state.highest = _later(state.highest, record[cfg.updated])
-            seen_key = known.get(position)
-            if seen_key is not None:  # seen before: it passed every check when it was admitted
-                keys.add(seen_key)
+            seen = known.get(position)
+            if seen is not None:  # seen before: it passed every check when it was admitted
+                keys.add(seen[0])
+                self._note_updated(cfg, record, state, None)
                 continue
             try:
                 item = identify(record, cfg)
@@ -193,12 +264,18 @@ class Poller:
                 self._quarantine(name, page, position, record, str(error), result, log)
                 continue
             item.context["cursor"] = state.cursor
+            stamp = self._note_updated(cfg, record, state, item.key)
+            item.version_at = stamp.seconds if stamp else None  # orders the entity's versions; a future date orders nothing
+            # priming covers what the view showed when it began; a version dated after that is new: deliver it
+            item.prime = state.priming is not None and not (item.version_at is not None and item.version_at > state.priming)
             good.append(item)
             keys.add(item.key)
-        state.shifted |= bool(keys & state.previous)  # only the previous page is kept: memory stays bounded by a page
+        if keys & state.previous:  # only the previous page is kept: memory stays bounded by a page
+            state.shifted = "the view's order shifted while it was paged (a record showed on two pages)"
         state.previous = keys
         state.truncated |= bool(page.meta.get("truncated"))
-        admitted = self.ledger.admit(name, good, state.flows, self.clock(), prime=state.prime)
+        shown = {key: last for key, last in known.values()}
+        admitted = self.ledger.admit(name, good, state.flows, self.clock(), shown=shown)
         result.pages += 1
         result.fetched += len(page.records)
         result.new += admitted.new
@@ -207,8 +284,31 @@ class Poller:
         result.superseded += admitted.superseded
         log.debug("{} page {}: {} records, {} new", name, page.number, len(page.records), admitted.new + admitted.primed)
 
-    def _known(self, name: str, cfg: SourceConfig, records: list) -> dict[int, str]:
-        """position -> key of the records the ledger has seen (a re-poll skips hashing them)."""
+    def _note_updated(self, cfg: SourceConfig, record: Any, state: "_PollState", new_key: str | None) -> Stamp | None:
+        """Let an admitted record's `updated` raise the cursor when it is a time of the cursor's kind and not in the future.
+
+        A value that cannot is noted for the poll's report when the record is new (``new_key``): reported once."""
+        if not cfg.updated or not isinstance(record, dict) or record.get(cfg.updated) is None:
+            return None
+        value = record[cfg.updated]
+        stamp = read_stamp(value)
+        if stamp is None:
+            why = "not a time"
+        elif stamp.seconds > state.started + FUTURE_TOLERANCE:
+            why = "in the future"
+        elif state.kind is not None and stamp.kind != state.kind:
+            why = f"a different kind of time than the cursor ({_KINDS[stamp.kind]}, not {_KINDS[state.kind]})"
+        else:
+            state.kind = stamp.kind
+            if state.highest is None or stamp.seconds > state.highest.seconds:
+                state.highest, state.highest_raw = stamp, value
+            return stamp
+        if new_key is not None:
+            state.unusable.append((new_key, value, why))
+        return stamp if why != "in the future" else None
+
+    def _known(self, name: str, cfg: SourceConfig, records: list) -> dict[int, tuple[str, float]]:
+        """position -> (key, last seen) of the records the ledger has seen (a re-poll skips hashing them)."""
         if cfg.dedupe == "content":
             return {}
         keyed = {}
@@ -218,7 +318,7 @@ class Poller:
             except BadRecord:
                 pass
         seen = self.ledger.seen(name, set(keyed.values()))
-        return {position: key for position, key in keyed.items() if key in seen}
+        return {position: (key, seen[key]) for position, key in keyed.items() if key in seen}
 
     def _quarantine(self, name: str, page: Page, position: int, record: Any, reason: str, result: PollResult, log) -> None:
         excerpt = json.dumps(record, ensure_ascii=True, default=str)[:300]
@@ -227,6 +327,26 @@ class Poller:
         if first:
             result.bad.append(reason)
             log.warning("{}: {} record {} quarantined: {} — {}", name, page.where or f"page {page.number}", position + 1, reason, excerpt[:120])
+
+    @staticmethod
+    def _report_unusable(name: str, cfg: SourceConfig, state: "_PollState", log) -> None:
+        if not state.unusable:
+            return
+        examples = "; ".join(f"record {key!r}: {json.dumps(value, default=str)[:40]} is {why}" for key, value, why in state.unusable[:3])
+        log.warning("{}: {} new record(s) have a '{}' the cursor cannot use ({}{}); they are admitted as usual, the cursor ignores their value",
+                    name, len(state.unusable), cfg.updated, examples, "; …" if len(state.unusable) > 3 else "")
+
+    def _report_priming(self, name: str, cfg: SourceConfig, state: "_PollState", row: dict | None, result: PollResult, log) -> None:
+        """Say plainly what a poll that primes again (the first poll has not yet succeeded) did."""
+        if state.priming is None or state.priming == state.started or not (result.primed or result.new):
+            return
+        since = datetime.fromtimestamp(state.priming, timezone.utc).isoformat(timespec="seconds")
+        if cfg.updated:
+            log.warning("{}: still priming (first_run = \"skip\", no complete poll since {}): {} record(s) marked seen without sending, "
+                        "{} delivered because '{}' dates them after priming began", name, since, result.primed, result.new, cfg.updated)
+        else:
+            log.warning("{}: still priming (first_run = \"skip\", no complete poll since {}): {} record(s) marked seen WITHOUT sending; "
+                        "without `updated` the agent cannot tell records that appeared since then from old ones", name, since, result.primed)
 
     def _warn_gap(self, name: str, cfg: SourceConfig, row: dict | None, log) -> None:
         if cfg.window and row and row.get("last_success") and self.clock() - row["last_success"] > cfg.window:
@@ -243,11 +363,15 @@ class Poller:
             log.info(summary)
 
 
-def _later(a: Any, b: Any) -> Any:
-    """The later of two `updated` values (timestamps compared as times, not strings)."""
-    if a is None:
-        return b
-    pa, pb = _parse_time(a), _parse_time(b)
-    if pa is not None and pb is not None and type(pa) is type(pb):
-        return b if pb > pa else a
-    return b if str(b) > str(a) else a
+_KINDS = {"iso": "ISO 8601 text", "epoch_s": "epoch seconds", "epoch_ms": "epoch milliseconds"}
+
+
+def _signatures(records: list, cfg: SourceConfig) -> list[str]:
+    """A page's records as comparable keys: the dedupe key where there is one, else the content hash."""
+    out = []
+    for record in records:
+        try:
+            out.append(content_hash(record) if cfg.dedupe == "content" else dedupe_key(record, cfg)[1])
+        except BadRecord:
+            out.append(content_hash(record))
+    return out

@@ -78,7 +78,16 @@ def m001_initial(db: Database) -> None:
     db["meta"].create({"name": str, "value": str}, pk="name")
 
 
-SCHEMA_VERSION = 1
+@migrations()
+def m002_version_order_last_seen_priming(db: Database) -> None:
+    db["records"].add_column("last_seen", float)  # the last poll that showed the key: `window` forgets by this
+    db["executions"].add_column("version_at", float)  # the version's `updated` as a number: versions of an entity run in this order
+    db["cursors"].add_column("prime_started", float)  # when priming began: versions updated after it are delivered
+
+
+SCHEMA_VERSION = 2
+TOUCH_EVERY = 3600.0  # a re-shown key's last_seen is refreshed at most this often (a write per page, not per poll)
+_UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
 
 
 @dataclass
@@ -91,6 +100,8 @@ class Admission:
     hash: str
     entity: str
     context: dict  # what the flow starts from: {"record": ..., "cursor": ...}
+    version_at: float | None = None  # the version's `updated` as a number (None: order by arrival)
+    prime: bool = False  # mark seen without scheduling (the source's first run, `first_run = "skip"`)
 
 
 @dataclass
@@ -142,15 +153,17 @@ class Ledger:
         """Open (creating and migrating) the ledger as its one agent; ``hold=False`` opens an
         existing ledger beside a running agent (operator commands)."""
         self.path = Path(path)
+        self.real = self.path.resolve()  # a symlinked ledger is the same ledger: one lock, one file
         self.failpoint = failpoint  # fault tests crash the process inside transactions through this
         self.hold = hold
         self._lock_fd: int | None = None
         if self.hold:
             self._lock()
         try:
+            if self.hold and not os.path.lexists(self.real):
+                self._create()
             self.conn = self._connect(busy_timeout)
             self.db = Database(self.conn)
-            self._check()
             if self.hold:
                 self._migrate()
         except BaseException:
@@ -159,12 +172,13 @@ class Ledger:
 
     # -- opening -----------------------------------------------------------------
     def _lock(self) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
+        """flock a lock file beside the real ledger file (not a planted symlink: O_NOFOLLOW)."""
+        lock_path = self.real.with_name(self.real.name + ".lock")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self.real.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as error:
-            raise LedgerUnwritable(f"{self.path}: cannot create the ledger's folder or lock file: {error.strerror}") from None
+            raise LedgerUnwritable(f"{self.path}: cannot create the ledger's folder or lock file {lock_path.name}: {error.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -175,16 +189,53 @@ class Ledger:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
+    def _create(self) -> None:
+        """Build a new ledger under a temporary name and rename it into place.
+
+        So a file at the ledger's path always holds a whole ledger: one that is
+        empty or holds no ledger tables was not made by the agent, and is refused.
+        """
+        building = self.real.with_name(self.real.name + ".creating")
+        old_umask = os.umask(0o177)
+        try:
+            for leftover in (building, building.with_name(building.name + "-journal")):
+                leftover.unlink(missing_ok=True)
+            conn = sqlite3.connect(building, isolation_level=None)
+            try:
+                db = Database(conn)
+                migrations.apply(db)
+                with db.atomic():
+                    db["meta"].upsert({"name": "schema_version", "value": str(SCHEMA_VERSION)}, pk="name")
+            finally:
+                conn.close()
+            os.replace(building, self.real)
+            folder = os.open(self.real.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)  # the rename itself survives a power cut
+            finally:
+                os.close(folder)
+        except sqlite3.DatabaseError as error:
+            raise self._classify(error) from None
+        except OSError as error:
+            raise LedgerUnwritable(f"{self.path}: cannot create the ledger: {error.strerror}") from None
+        finally:
+            os.umask(old_umask)
+
     def _connect(self, busy_timeout: float) -> sqlite3.Connection:
-        if not self.hold and not self.path.exists():
+        if not self.hold and not self.real.exists():
             raise LedgerUnwritable(f"{self.path}: no ledger yet (run the agent once to create it)")
         old_umask = os.umask(0o177)  # the ledger and its -wal/-shm are created 0600
         try:
-            conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
+            conn = sqlite3.connect(self.real, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+                self._check(conn)  # before any pragma that writes: a file that is not a ledger is left as it was
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA foreign_keys = ON")
+            except BaseException:
+                conn.close()
+                raise
             return conn
         except sqlite3.DatabaseError as error:
             raise self._classify(error) from None
@@ -203,18 +254,22 @@ class Ledger:
 
     def _disk_full(self) -> bool:
         try:
-            return os.statvfs(self.path.parent).f_bavail == 0
+            return os.statvfs(self.real.parent).f_bavail == 0
         except OSError:
             return False
 
-    def _check(self) -> None:
-        try:
-            rows = self.conn.execute("PRAGMA quick_check").fetchall()
-        except sqlite3.DatabaseError as error:
-            raise self._classify(error) from None
+    def _check(self, conn: sqlite3.Connection) -> None:
+        """quick_check, then the ledger's own tables: a file that has neither is refused, never reused."""
+        rows = conn.execute("PRAGMA quick_check").fetchall()
         if [r[0] for r in rows] != ["ok"]:
             detail = "; ".join(str(r[0]) for r in rows[:3])
             raise LedgerDamaged(f"{self.path}: the ledger is damaged (quick_check: {detail}); restore it from a backup or move it aside to inspect it — the agent will not start a fresh one over it")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"_sqlite_migrations", "records", "executions"} <= tables:
+            what = "it is empty (0 bytes)" if self.real.stat().st_size == 0 else "it has no ledger tables"
+            raise LedgerDamaged(
+                f"{self.path}: this file exists but holds no ledger ({what}); the agent creates a ledger only where there is no file. "
+                "Restore the ledger from a backup, or, to start fresh on purpose (every source is primed again), move this file away")
 
     def _migrate(self) -> None:
         try:
@@ -266,63 +321,84 @@ class Ledger:
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
     # -- admission -----------------------------------------------------------------
-    def admit(self, source: str, items: list[Admission], flows: list[tuple[str, bool]], now: float, *, prime: bool) -> Admitted:
+    def admit(self, source: str, items: list[Admission], flows: list[tuple[str, bool]], now: float, *,
+              prime: bool = False, shown: dict[str, float] | None = None) -> Admitted:
         """Mark a page's records seen and create their executions, in one transaction.
 
         ``flows`` are (flow name, supersede) of the flows subscribed to the source.
-        With ``prime`` the records are marked seen and nothing is scheduled.
+        Items marked ``prime`` (all of them with ``prime=True``) are marked seen and
+        nothing is scheduled. ``shown`` are keys the page showed again (key -> last
+        seen, from ``seen``); their last_seen is refreshed when it is old.
         """
         result = Admitted()
         with self.write() as conn:
-            fresh = self._unseen(source, items)
+            fresh, again = self._unseen(source, items)
             result.duplicates = len(items) - len(fresh)
+            self._touch(conn, source, {**again, **(shown or {})}, now)
             conn.executemany(
-                "INSERT INTO records (source, key, id, version, hash, first_seen) VALUES (?, ?, ?, ?, ?, ?)",
-                [(source, a.key, a.id, a.version, a.hash, now) for a in fresh],
+                "INSERT INTO records (source, key, id, version, hash, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(source, a.key, a.id, a.version, a.hash, now, now) for a in fresh],
             )
             self.failpoint("inside_admit")
-            if prime:
-                result.primed = len(fresh)
-                return result
-            result.new = len(fresh)
+            scheduled = [a for a in fresh if not (prime or a.prime)]
+            result.primed = len(fresh) - len(scheduled)
+            result.new = len(scheduled)
             for flow, supersede in flows:
-                if supersede:
-                    result.superseded += self._supersede(flow, fresh, now)
                 conn.executemany(
-                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated)"
-                    " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?)",
-                    [(flow, source, a.key, a.entity, now, _json(a.context), now, now) for a in fresh],
+                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, version_at)"
+                    " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?)",
+                    [(flow, source, a.key, a.entity, now, _json(a.context), now, now, a.version_at) for a in scheduled],
                 )
+                if supersede and scheduled:
+                    result.superseded += self._supersede(conn, flow, {a.entity for a in scheduled}, now)
         return result
 
-    def seen(self, source: str, keys: set[str]) -> set[str]:
-        """The keys of ``keys`` already in the ledger for this source."""
-        found: set[str] = set()
+    def seen(self, source: str, keys: set[str]) -> dict[str, float]:
+        """The keys of ``keys`` already in the ledger for this source, with when a poll last showed each."""
+        found: dict[str, float] = {}
         ordered = list(keys)
         for start in range(0, len(ordered), 500):
             chunk = ordered[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            found.update(r[0] for r in self.conn.execute(f"SELECT key FROM records WHERE source = ? AND key IN ({marks})", (source, *chunk)))
+            found.update(self.conn.execute(
+                f"SELECT key, COALESCE(last_seen, first_seen) FROM records WHERE source = ? AND key IN ({marks})", (source, *chunk)))
         return found
 
-    def _unseen(self, source: str, items: list[Admission]) -> list[Admission]:
-        """The items whose key is neither in the ledger nor earlier in the same page."""
+    def _unseen(self, source: str, items: list[Admission]) -> tuple[list[Admission], dict[str, float]]:
+        """The items whose key is neither in the ledger nor earlier in the same page; and the keys seen before."""
         seen = self.seen(source, {a.key for a in items})
-        fresh = []
+        fresh, taken = [], set(seen)
         for item in items:
-            if item.key not in seen:
-                seen.add(item.key)
+            if item.key not in taken:
+                taken.add(item.key)
                 fresh.append(item)
-        return fresh
+        return fresh, seen
 
-    def _supersede(self, flow: str, fresh: list[Admission], now: float) -> int:
-        """Retire older versions of the same entity that have not started."""
+    @staticmethod
+    def _touch(conn: sqlite3.Connection, source: str, shown: dict[str, float], now: float) -> None:
+        """Refresh last_seen of re-shown keys whose mark is older than TOUCH_EVERY (most polls write nothing)."""
+        stale = [(now, source, key) for key, last in shown.items() if last is None or last < now - TOUCH_EVERY]
+        if stale:
+            conn.executemany("UPDATE records SET last_seen = ? WHERE source = ? AND key = ?", stale)
+
+    # `a` comes before `b` among versions of one entity: by `updated` where known, then by arrival
+    _BEFORE = ("(COALESCE({a}.version_at, %r) < COALESCE({b}.version_at, %r) OR (COALESCE({a}.version_at, %r) ="
+               " COALESCE({b}.version_at, %r) AND {a}.id < {b}.id))") % ((_UNKNOWN,) * 4)
+
+    def _supersede(self, conn: sqlite3.Connection, flow: str, entities: set[str], now: float) -> int:
+        """Retire waiting versions that have not started when a newer version of their entity was admitted."""
+        newer = self._BEFORE.format(a="executions", b="n")
         count = 0
-        for entity in {a.entity for a in fresh}:
-            count += self.conn.execute(
-                "UPDATE executions SET status = 'superseded', updated = ?, last_error = 'a newer version arrived'"
-                " WHERE flow = ? AND entity = ? AND status = 'pending' AND step = 0 AND attempts = 0",
-                (now, flow, entity),
+        ordered = list(entities)
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start:start + 500]
+            count += conn.execute(
+                "UPDATE executions SET status = 'superseded', updated = ?, last_error = 'a newer version of this entity was admitted'"
+                f" WHERE flow = ? AND entity IN ({','.join('?' * len(chunk))}) AND status = 'pending' AND step = 0 AND attempts = 0"
+                " AND single = 0 AND replay = 0 AND EXISTS (SELECT 1 FROM executions n WHERE n.flow = executions.flow"
+                " AND n.entity = executions.entity AND n.id != executions.id AND n.single = 0 AND n.replay = 0"
+                f" AND n.status != 'superseded' AND {newer})",
+                (now, flow, *chunk),
             ).rowcount
         return count
 
@@ -347,6 +423,13 @@ class Ledger:
     def start_poll(self, source: str, now: float) -> int:
         with self.write() as conn:
             return conn.execute("INSERT INTO polls (source, started, pages, fetched, new, primed, quarantined) VALUES (?, ?, 0, 0, 0, 0, 0)", (source, now)).lastrowid
+
+    def start_priming(self, source: str, now: float) -> float:
+        """When priming of this source began: ``now`` the first time, then kept until a poll succeeds."""
+        with self.write() as conn:
+            conn.execute("INSERT OR IGNORE INTO cursors (source) VALUES (?)", (source,))
+            conn.execute("UPDATE cursors SET prime_started = COALESCE(prime_started, ?) WHERE source = ?", (now, source))
+            return conn.execute("SELECT prime_started FROM cursors WHERE source = ?", (source,)).fetchone()[0]
 
     def end_poll(self, poll: int, source: str, now: float, *, pages: int, fetched: int, new: int, primed: int,
                  quarantined: int, error: str | None, cursor: str | None) -> None:
@@ -411,10 +494,12 @@ class Ledger:
         ]
 
     def _due(self, now: float, limit: int) -> list[dict]:
+        """Due waiting work; a version waits while its entity has one running or an earlier one unfinished."""
+        earlier = self._BEFORE.format(a="o", b="e")
         return self._rows(
             f"SELECT e.* FROM executions e WHERE e.status {_IN_WAITING} AND e.next_at <= ?"
-            " AND NOT EXISTS (SELECT 1 FROM executions o WHERE o.flow = e.flow AND o.entity = e.entity AND o.id < e.id"
-            f" AND o.single = 0 AND e.single = 0 AND o.status {_IN_ACTIVE})"
+            " AND NOT EXISTS (SELECT 1 FROM executions o WHERE o.flow = e.flow AND o.entity = e.entity AND o.id != e.id"
+            f" AND o.single = 0 AND e.single = 0 AND o.status {_IN_ACTIVE} AND (o.status = 'running' OR {earlier}))"
             " ORDER BY e.next_at, e.id LIMIT ?",
             (now, limit),
         )
@@ -525,10 +610,10 @@ class Ledger:
                 generation = conn.execute("SELECT COALESCE(MAX(replay), 0) + 1 FROM executions WHERE flow = ? AND source = ? AND key = ?",
                                           (row["flow"], row["source"], row["key"])).fetchone()[0]
                 conn.execute(
-                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay)"
-                    " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?)",
+                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, version_at)"
+                    " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?, ?)",
                     (row["flow"], row["source"], row["key"], row["entity"], now,
-                     _json({"record": old.get("record"), "cursor": old.get("cursor")}), now, now, generation),
+                     _json({"record": old.get("record"), "cursor": old.get("cursor")}), now, now, generation, row["version_at"]),
                 )
         return len(rows)
 
@@ -558,7 +643,10 @@ class Ledger:
         return out
 
     def prune(self, before: float, windows: dict[str, float], now: float) -> dict[str, int]:
-        """Delete finished executions (and their attempts) older than ``before``; seen keys older than their source's window."""
+        """Delete finished executions (and their attempts) older than ``before``; seen keys no poll has shown for their source's window.
+
+        A key's last_seen may lag by up to TOUCH_EVERY, so a key goes only when it
+        is older than the window by that much: never while the view can show it."""
         with self.write() as conn:
             old = f"status IN ({','.join(repr(s) for s in FINISHED)}) AND updated < ?"
             attempts = conn.execute(f"DELETE FROM attempts WHERE execution IN (SELECT id FROM executions WHERE {old})", (before,)).rowcount
@@ -567,8 +655,8 @@ class Ledger:
             records = 0
             for source, window in windows.items():
                 records += conn.execute(
-                    "DELETE FROM records WHERE source = ? AND first_seen < ?"
+                    "DELETE FROM records WHERE source = ? AND COALESCE(last_seen, first_seen) < ?"
                     " AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.source = records.source AND e.key = records.key)",
-                    (source, now - window),
+                    (source, now - window - TOUCH_EVERY),
                 ).rowcount
         return {"executions": executions, "attempts": attempts, "polls": polls, "records": records}

@@ -101,9 +101,9 @@ PLANTS = {
         import agent.poller as P
         original = P.cursor_value
         def strictly_after(highest, overlap):
-            parsed = P._parse_time(highest)
-            if isinstance(parsed, datetime):
-                return (parsed + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            stamp = P.read_stamp(highest)
+            if stamp is not None and stamp.at is not None:
+                return (stamp.at + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
             return original(highest, 0)
         P.cursor_value = strictly_after
     """,

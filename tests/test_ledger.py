@@ -5,7 +5,7 @@ import stat
 import pytest
 
 from state.base import LedgerBusy, LedgerDamaged
-from state.ledger import Admission, Finish, Ledger
+from state.ledger import TOUCH_EVERY, Admission, Finish, Ledger
 
 NOW = 1_800_000_000.0
 
@@ -24,7 +24,7 @@ def test_fresh_file_is_created_migrated_and_private(tmp_path):
     path = tmp_path / "var" / "agent.db"
     with Ledger(path) as led:
         assert set(led.db.table_names()) >= {"records", "executions", "attempts", "cursors", "polls", "meta", "quarantine"}
-        assert led.db["meta"].get("schema_version")["value"] == "1"
+        assert led.db["meta"].get("schema_version")["value"] == "2"
         assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     for name in ("agent.db", "agent.db-wal", "agent.db-shm"):
@@ -178,7 +178,7 @@ def test_prune_keeps_waiting_failed_and_dead_work(ledger):
     ledger.admit("s", [item("1"), item("2"), item("3")], [("f", False)], NOW, prime=False)
     a, b, _ = ledger.claim(NOW, 3, 300)
     ledger.finish_many([(a, Finish("succeeded", 1, a.context)), (b, Finish("dead", 0, b.context))], NOW)
-    removed = ledger.prune(NOW + 10, {"s": 5.0}, NOW + 10)
+    removed = ledger.prune(NOW + 10, {"s": 5.0}, NOW + 10 + TOUCH_EVERY)
     assert removed["executions"] == 1
     assert sorted(r["key"] for r in ledger.executions()) == ["2", "3"]
     assert removed["records"] == 1  # the seen key of the pruned execution, older than the window

@@ -261,7 +261,7 @@ class ViewServer:
             return ordered, len(ordered)
         if ascending is not None:
             return ordered, len(ascending) - bisect.bisect_left(ascending, since)
-        kept = [r for r in ordered if not isinstance(r, dict) or r.get("lastModified", since) >= since]
+        kept = [r for r in ordered if not isinstance(r, dict) or str(r.get("lastModified", since)) >= since]
         return kept, len(kept)
 
     def _ordered(self) -> tuple[list[dict], list[str] | None]:
@@ -272,8 +272,8 @@ class ViewServer:
                 records = list(self._records)
                 ascending = None
                 if all(isinstance(r, dict) and "lastModified" in r for r in records):
-                    records.sort(key=lambda r: r["lastModified"], reverse=True)  # stable: ties keep their given order
-                    ascending = [r["lastModified"] for r in reversed(records)]
+                    records.sort(key=lambda r: str(r["lastModified"]), reverse=True)  # stable: ties keep their given order
+                    ascending = [str(r["lastModified"]) for r in reversed(records)]  # odd values (numbers, NaN) as text
                 self._sorted, self._sorted_from = (records, ascending), (self._records, self._records.version)
             return self._sorted
 
