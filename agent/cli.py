@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agent", description="Polling sync agent: copies new and changed records from REST views into other systems, losing nothing and sending nothing twice.")
     p.add_argument("--config", default=None, help="config file (default: $AGENT_CONFIG, else ./agent.toml)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    run = sub.add_parser("run", help="poll every source now and on its schedule; deliver until SIGTERM/SIGINT")
+    run = sub.add_parser("run", help="poll every source now and on its schedule; deliver until SIGTERM/SIGINT/SIGHUP")
     run.add_argument("--once", action="store_true", help="poll every source once, deliver everything due, print a summary, exit")
     poll = sub.add_parser("poll", help="poll one source now (and deliver what it admitted)")
     poll.add_argument("source")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         return USAGE
-    logs.setup(config.agent.log_level, config.agent.log_format, config.secrets)
+    logs.setup(config.agent.log_level, config.agent.log_format, config.secrets, sink=sys.stderr)  # today's stderr, which a caller may have redirected
     try:
         return COMMANDS[args.command](config, args)
     except ConfigError as error:
@@ -137,8 +137,9 @@ def _on_stop(stopping: threading.Event) -> None:
         logger.info("stopping on {}: finishing in-flight steps", signal.Signals(signum).name)
         stopping.set()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # SIGHUP too: a closed terminal or a supervisor's "reload" must not kill a step between its send and its outcome
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
 
 
 def _once(agent, polls) -> int:

@@ -52,7 +52,13 @@ class FlowRunner:
         self.failpoint = failpoint
         self.paused: dict[str, tuple[float, str]] = {}  # connector -> (probe time, why): one probe at a time reaches it
         self._lock = threading.Lock()
-        self.resumed = False  # set when a paused connector answered again; the agent wakes the paused work
+        self._resumed = False  # a paused connector answered again; read only through take_resumed(), under the lock
+
+    def take_resumed(self) -> bool:
+        """Whether a paused connector answered again since the last call; the agent then wakes the paused work."""
+        with self._lock:  # read and reset as one: a worker's resume between the two would otherwise be lost
+            resumed, self._resumed = self._resumed, False
+        return resumed
 
     def run(self, ex: Execution) -> Finish:
         """Run an execution from its current step up to and including one action."""
@@ -147,15 +153,24 @@ class FlowRunner:
             return Finish("paused", index, context, next_at=held[0], error=f"connector {connector_name!r} is paused: {held[1]}")
         key = idempotency_key(ex.flow, index, ex.source, ex.key, ex.replay)
         started = self.clock()
-        outcome = self._call(self.connectors[connector_name], action, data, key)
+        try:
+            outcome = self._call(self.connectors[connector_name], action, data, key)
+        except Exception as error:  # a bug, ActionError included: fail this execution now, never retry it as if the network failed
+            bug = f"connector {connector_name!r} raised {type(error).__name__}: {str(error)[:300]}"
+            log.opt(exception=error).error("record {} failed: flow {!r} step {}: {}", ex.key, ex.flow, index, bug)
+            attempt = self._attempt(ex, index, started, Outcome("failed", error=bug))
+            return Finish("failed", index, context, error=f"flow {ex.flow!r} step {index} ({step.action}): {bug}", attempt=attempt)
         self._note(connector_name, outcome, log)
         if outcome.status == "succeeded":
             self.failpoint("after_send")
+        return self._settle(ex, index, step, context, outcome, self._attempt(ex, index, started, outcome), log)
+
+    def _attempt(self, ex: Execution, index: int, started: float, outcome: Outcome) -> dict:
+        """The attempt row for one call of step `index`."""
         first_try = index != ex.step  # the claim began at an earlier (pure) step: this is the step's first attempt
-        attempt = {"step": index, "n": 1 if first_try else ex.attempts, "first": started if first_try else (ex.first_attempt or started),
-                   "started": started, "finished": self.clock(), "outcome": outcome.status,
-                   "status_code": outcome.status_code, "error": outcome.error}
-        return self._settle(ex, index, step, context, outcome, attempt, log)
+        return {"step": index, "n": 1 if first_try else ex.attempts, "first": started if first_try else (ex.first_attempt or started),
+                "started": started, "finished": self.clock(), "outcome": outcome.status,
+                "status_code": outcome.status_code, "error": outcome.error}
 
     def _held(self, connector: str) -> tuple[float, str] | None:
         """(probe time, why) while a paused connector's probe time has not come."""
@@ -174,7 +189,7 @@ class FlowRunner:
                 self.paused[connector] = (self.clock() + PAUSE_PROBE, outcome.error or "paused")
             elif was:
                 del self.paused[connector]
-                self.resumed = True
+                self._resumed = True
         if outcome.status == "paused" and not was:
             log.error("connector {!r} PAUSED: {} — nothing is sent to it and no attempt is spent; it is probed every {:.0f}s",
                       connector, outcome.error, PAUSE_PROBE)
@@ -183,11 +198,11 @@ class FlowRunner:
 
     @staticmethod
     def _call(connector: Connector, action: Action, data: dict, key: str) -> Outcome:
-        try:
-            return connector.run(action, data, key)
-        except Exception as error:  # a connector bug must not kill the agent; retry it like a transient failure
-            logger.exception("connector raised instead of returning an Outcome")
-            return Outcome("retryable", error=f"connector error: {type(error).__name__}: {error}", condition="connection")
+        """The connector's Outcome; an answer that is not one is a bug, raised like one."""
+        outcome = connector.run(action, data, key)
+        if not isinstance(outcome, Outcome):
+            raise TypeError(f"run() returned {type(outcome).__name__}, not an Outcome")
+        return outcome
 
     def _settle(self, ex: Execution, index: int, step: ActionStep, context: dict, outcome: Outcome, attempt: dict, log) -> Finish | dict:
         """Decide what an action's outcome means for the execution."""

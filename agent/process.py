@@ -117,7 +117,7 @@ class Agent:
                 free = 0 if self.stopping.is_set() else size - len(in_flight)
                 # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send;
                 # when a paused connector answered again, its waiting work becomes due in the same transaction
-                wake, self.runner.resumed = self.runner.resumed, False
+                wake = self.runner.take_resumed()
                 claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease, wake=wake)
                 if claimed:
                     self.failpoint("after_claim")

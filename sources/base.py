@@ -127,8 +127,13 @@ def dig(body: Any, path: str) -> Any:
     for part in path.split(".") if path else []:
         if isinstance(node, dict) and part in node:
             node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
+        elif isinstance(node, list) and 0 <= _index(part) < len(node):
+            node = node[_index(part)]
         else:
             raise KeyError(path)
     return node
+
+
+def _index(part: str) -> int:
+    """A path part as a list index, or -1: only ASCII digits ("²".isdigit() is true, int() refuses it), and few of them."""
+    return int(part) if part.isascii() and part.isdigit() and len(part) <= 18 else -1

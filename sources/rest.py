@@ -16,13 +16,18 @@ everything was fetched, and after ``max_pages`` pages (with a warning). A page
 that repeats the previous one is an error, not an endless loop. Next URLs
 must stay on the configured scheme, host and port, and redirects are not
 followed, so credentials only ever go where the config points.
+
+Every value a view sends is data: a next URL that does not parse, a token or
+total of the wrong kind ends the poll with a PageError naming the page and
+at most 40 characters of the value (never its query string or credentials).
+The page that carried it is yielded first: its records were read fine.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Iterator, Literal, Union
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import requests
 from loguru import logger
@@ -101,7 +106,7 @@ class CursorPaging(_Paging):
             return url, params
         token = _found(last.body, self.next)
         if isinstance(token, (dict, list, bool)):
-            raise PageError(f"the next-page token at '{self.next}' is a {type(token).__name__}, not a string", page=last.number)
+            raise PageError(f"the next-page token at '{self.next}' is a {type(token).__name__}, not a string")
         return None if token in (None, "") else (url, {**params, self.param: str(token)})
 
 
@@ -113,7 +118,7 @@ class LinkPaging(_Paging):
         if last is None:
             return url, params
         target = last.links.get("next", {}).get("url")
-        return (urljoin(last.url, target), {}) if target else None
+        return (_joined(last.url, target, "the Link header's next URL"), {}) if target else None
 
 
 class NextUrlPaging(_Paging):
@@ -126,8 +131,8 @@ class NextUrlPaging(_Paging):
             return url, params
         target = _found(last.body, self.next)
         if target not in (None, "") and not isinstance(target, str):
-            raise PageError(f"the next URL at '{self.next}' is a {type(target).__name__}, not a string", page=last.number)
-        return (urljoin(last.url, target), {}) if target else None
+            raise PageError(f"the next URL at '{self.next}' is a {type(target).__name__}, not a string")
+        return (_joined(last.url, target, f"the next URL at '{self.next}'"), {}) if target else None
 
 
 Paging = Annotated[
@@ -144,16 +149,68 @@ def _found(body: Any, path: str) -> Any:
         return None
 
 
+def _shown(text: str) -> str:
+    """At most 40 characters of a value from a view, quoted: enough to recognise it, never a whole body."""
+    return repr(text if len(text) <= 40 else text[:39] + "…")
+
+
+def _shown_url(url: str) -> str:
+    """At most 40 characters of a URL from a view, without its query, fragment or credentials."""
+    text = re.split(r"[?#]", url, maxsplit=1)[0]
+    if found := re.match(r"([A-Za-z][A-Za-z0-9+.-]*:)?//([^/]*)", text):
+        text = f"{found[1] or ''}//{found[2].rpartition('@')[2]}{text[found.end():]}"
+    return _shown(text)
+
+
+def _url_problem(error: ValueError) -> str:
+    """What urllib found wrong, without echoing the URL (its parts may hold credentials)."""
+    text = str(error)
+    if "out of range" in text:
+        return "its port is out of range 0-65535"
+    if "Port could not be cast" in text:
+        return "its port is not a number"
+    if "IPv4" in text or "IPv6" in text:
+        return "its host is not a valid IP address"
+    return "it does not parse"
+
+
+def _parsed(url: str) -> SplitResult:
+    """urlsplit(url) with its host and port checked; ValueError when either is impossible."""
+    parts = urlsplit(url)
+    _ = parts.hostname, parts.port  # urllib checks these lazily: ask now, not when the URL is used
+    return parts
+
+
+def _joined(base: str, target: str, what: str) -> str:
+    """`target` resolved against `base`, or a PageError saying why that URL cannot be used."""
+    try:
+        url = urljoin(base, target)
+        _parsed(url)
+    except ValueError as error:
+        raise PageError(f"{what} is {_shown_url(target)}, not a usable URL ({_url_problem(error)})") from None
+    return url
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     """Scheme, host and effective port: what must match for credentials to be sent."""
-    parts = urlsplit(url)
-    return parts.scheme, parts.hostname or "", parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    parts = _parsed(url)
+    return parts.scheme, parts.hostname or "", parts.port if parts.port is not None else {"http": 80, "https": 443}.get(parts.scheme)
 
 
 def _public(url: str) -> str:
     """A URL without credentials or query string, safe for logs and errors."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+def _redirect_target(url: str, location: str | None) -> str:
+    """Where a redirect points, safe to print; a Location that does not parse is shown cut short."""
+    if not location:
+        return "nowhere"
+    try:
+        return _public(_joined(url, location, "the Location"))
+    except PageError:
+        return _shown_url(location)
 
 
 def _excerpt(content: bytes) -> str:
@@ -186,10 +243,14 @@ class RestSource:
         @field_validator("url")
         @classmethod
         def _http_url(cls, url: str) -> str:
-            """Only http(s) URLs with a host; the value is not echoed, it may hold a key."""
-            parts = urlsplit(url)
+            """Only http(s) URLs with a host and a valid port; the value is not echoed, it may hold a key."""
+            wanted = "must be an http:// or https:// URL with a host, like 'https://app.example/api/views/Leads'"
+            try:
+                parts = _parsed(url)
+            except ValueError as error:
+                raise ValueError(f"{wanted} ({_url_problem(error)})") from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError("must be an http:// or https:// URL with a host, like 'https://app.example/api/views/Leads'")
+                raise ValueError(wanted)
             return url
 
     def __init__(self, config: RestSource.Config, *, session: requests.Session):
@@ -207,39 +268,53 @@ class RestSource:
             signature = (len(records), records[0], records[-1]) if records else None
             if signature and signature == previous:
                 raise PageError(f"{self._where(number, response.url)} repeats the previous page: the server ignores the paging parameter (check paging.param)", page=number)
-            fetched, total = fetched + len(records), self._total(response, total)
-            done = not records or (total is not None and fetched >= total)
-            request = None if done else paging.follow(request[0], params, response)
+            fetched, broken = fetched + len(records), None
+            try:
+                total = self._total(response, total)
+                done = not records or (total is not None and fetched >= total)
+                request = None if done else self._next(request[0], params, response)
+            except PageError as error:  # a bad paging value: this page's records are good, the poll ends after them
+                request, broken = None, PageError(f"{self._where(number, response.url)}: {error}", page=number + 1)
             meta = {"total": total} if total is not None else {}
             if request and number == paging.max_pages:
                 logger.warning("{}: stopped at paging.max_pages = {}; the view has more", self._where(number, response.url), number)
                 meta["truncated"] = True  # the agent keeps the cursor: the unread (older) pages must be read later
             response.body = None  # one page in memory: the records are handed over, drop the rest
             yield Page(number, records, self._where(number, response.url), meta)
+            if broken:
+                raise broken
             if request is None:
                 return
-            self._check_origin(request[0], number)
             previous = signature
 
     def _fetch(self, url: str, params: dict[str, str], number: int) -> Response:
         """GET one page and parse it; every failure becomes a PageError naming the page."""
         where = self._where(number, url)
+        answers: list[requests.Response] = []  # requests parses a redirect's Location even when not following it
         try:
-            with self.session.get(url, params=params or None, timeout=self.config.timeout, allow_redirects=False) as response:
+            with self.session.get(url, params=params or None, timeout=self.config.timeout, allow_redirects=False,
+                                  hooks={"response": lambda answer, **_: answers.append(answer)}) as response:
                 content, status, links = response.content, response.status_code, response.links
                 reason, location = response.reason, response.headers.get("Location")
         except requests.Timeout:
             raise PageError(f"{where}: no answer within {self.config.timeout:g}s (timeout)", page=number) from None
         except requests.ConnectionError as exc:
             raise PageError(f"{where}: connection failed: {_reason(exc)}", page=number) from None
-        except requests.RequestException as exc:
+        except (requests.RequestException, ValueError) as exc:  # ValueError: a Location or URL from the view that does not parse
+            if answers and answers[-1].is_redirect:
+                raise self._redirected(where, url, answers[-1].status_code, answers[-1].headers["Location"], number) from None
             raise PageError(f"{where}: request failed: {_reason(exc)}", page=number) from None
         if 300 <= status < 400:
-            target = _public(urljoin(url, location)) if location else "nowhere"
-            raise PageError(f"{where}: HTTP {status} redirect to {target}; redirects are not followed, put the final URL in the config", page=number, status=status)
+            raise self._redirected(where, url, status, location, number)
         if not 200 <= status < 300:
             raise PageError(f"{where}: HTTP {status} {reason or ''}: {_excerpt(content)}", page=number, status=status)
         return Response(number, url, parse_json(content, f"{where}: body is", number, _excerpt(content)), links, 0)
+
+    @staticmethod
+    def _redirected(where: str, url: str, status: int, location: str | None, number: int) -> PageError:
+        """The error for a redirect answer: it is never followed."""
+        target = _redirect_target(url, location)
+        return PageError(f"{where}: HTTP {status} redirect to {target}; redirects are not followed, put the final URL in the config", page=number, status=status)
 
     def _records(self, body: Any, number: int, url: str) -> list[Any]:
         """The list at the configured `records` path."""
@@ -260,15 +335,21 @@ class RestSource:
         value = _found(response.body, path) if path else None
         if value is None:
             return known
-        if isinstance(value, bool) or not str(value).isdigit():
-            raise PageError(f"{self._where(response.number, response.url)}: the total at '{path}' is {str(value)[:40]!r}, not a count", page=response.number)
-        return int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        # ASCII digits only ("²".isdigit() is true) and few of them (int() refuses over 4,300 digits; no view holds 10^18 records)
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+            return int(value)
+        shown = _shown(str(value)) if isinstance(value, (str, int, float)) else f"a {type(value).__name__}"
+        raise PageError(f"the total at '{path}' is {shown}, not a count")
 
-    def _check_origin(self, url: str, number: int) -> None:
-        """Refuse a next URL on another scheme, host or port: it would receive the credentials."""
-        if _origin(url) != _origin(self.config.url):
-            scheme, host, port = _origin(url)
-            raise PageError(f"{self._where(number, self.config.url)}: the next-page URL points at {scheme}://{host}:{port}, not the configured host; refusing to follow it", page=number + 1)
+    def _next(self, url: str, params: dict[str, str], last: Response) -> tuple[str, dict[str, str]] | None:
+        """The request after page `last`; refuse one on another scheme, host or port: it would receive the credentials."""
+        request = self.config.paging.follow(url, params, last)
+        if request and _origin(request[0]) != _origin(self.config.url):
+            scheme, host, port = _origin(request[0])
+            raise PageError(f"the next-page URL points at {scheme}://{host}:{port}, not the configured host; refusing to follow it")
+        return request
 
     def _where(self, number: int, url: str) -> str:
         """'page 3 of GET http://host/path' without query string or credentials."""

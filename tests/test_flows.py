@@ -1,11 +1,12 @@
 """FlowRunner with a real ledger: steps, outcomes, retries, pauses, queued calls, idempotency keys."""
 import textwrap
+import threading
 
 import pytest
 
 from agent.config import load
 from agent.flows import FlowRunner, idempotency_key
-from sinks.base import Outcome
+from sinks.base import ActionError, Outcome
 from state.ledger import Admission, Ledger
 
 NOW = 1_800_000_000.0
@@ -228,16 +229,41 @@ def test_proceed_on_failure_records_the_failure_and_goes_on(tmp_path, ledger):
     assert ledger.attempts_of(row["id"])[0]["outcome"] == "failed"
 
 
-def test_a_connector_that_raises_does_not_kill_the_agent(tmp_path, ledger):
-    class Broken(Scripted):
-        def run(self, action, data, key):
-            raise RuntimeError("bug")
+class Broken(Scripted):
+    """A connector with a bug: raises, or answers something that is not an Outcome."""
 
-    clock = Clock()
-    runner = FlowRunner(config(tmp_path, ACTION), {"out": Broken()}, clock=clock)
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
+    def run(self, action, data, key):
+        self.calls.append((str(action), data, key))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.parametrize("answer, named", [
+    (RuntimeError("bug in the sink"), "connector 'out' raised RuntimeError: bug in the sink"),
+    (ActionError("record > write: not an action of this connector"), "connector 'out' raised ActionError: record > write: not an action"),
+    (ConnectionError("looks like a network error"), "connector 'out' raised ConnectionError: looks like a network error"),
+    (False, "connector 'out' raised TypeError: run() returned bool, not an Outcome"),
+])
+@pytest.mark.parametrize("proceed", [False, True])
+def test_a_connector_that_raises_fails_the_execution_at_once(tmp_path, ledger, answer, named, proceed):
+    clock, broken = Clock(), Broken(answer)
+    steps = ACTION + ("proceed_on_failure = true\n" if proceed else "")  # a bug is not a delivery failure to proceed past
+    runner = FlowRunner(config(tmp_path, steps), {"out": broken}, clock=clock)
     admit(ledger, {"id": 1, "name": "a", "n": 1})
     drive(ledger, runner, clock)
-    assert ledger.executions()[0]["status"] == "retrying"
+    clock.t += 86_400  # a day later: nothing is due again
+    drive(ledger, runner, clock)
+    [row] = ledger.executions()
+    assert row["status"] == "failed" and row["step"] == 1
+    assert row["last_error"].startswith("flow 'f' step 1 (out > record > write): " + named)
+    assert len(broken.calls) == 1
+    [attempt] = ledger.attempts_of(row["id"])
+    assert attempt["outcome"] == "failed" and named in attempt["error"]
 
 
 def test_replay_gets_a_new_key():
@@ -259,3 +285,29 @@ def test_a_paused_connector_is_probed_once_not_hammered(tmp_path, ledger):
     drive(ledger, runner, clock)
     assert len(sink.calls) == 6 and ledger.counts() == {"f": {"succeeded": 5}}
     assert runner.paused == {}
+
+
+def test_take_resumed_reports_a_resumed_connector_once(tmp_path, ledger):
+    clock = Clock()
+    sink = Scripted(Outcome("paused", error="HTTP 401", status_code=401))
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    drive(ledger, runner, clock)
+    assert runner.take_resumed() is False  # paused, not resumed
+    clock.t += 60
+    drive(ledger, runner, clock)  # the probe gets through
+    assert runner.take_resumed() is True
+    assert runner.take_resumed() is False  # taken: the next drain round does not wake again
+
+
+def test_take_resumed_does_not_lose_a_resume_noted_while_it_waits_for_the_lock(tmp_path):
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": Scripted()}, clock=Clock())
+    taken = []
+    with runner._lock:  # a worker thread is noting a resumed connector right now
+        reader = threading.Thread(target=lambda: taken.append(runner.take_resumed()))
+        reader.start()
+        reader.join(0.05)
+        assert reader.is_alive()  # the take waits for the worker instead of reading a half-made change
+        runner._resumed = True  # as FlowRunner._note does, under the lock
+    reader.join(5)
+    assert taken == [True] and runner.take_resumed() is False

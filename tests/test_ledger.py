@@ -218,3 +218,119 @@ def test_damaged_interior_page_is_detected(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(LedgerDamaged):
         Ledger(path)
+
+
+def dated(key: str, entity: str, at: float | None) -> Admission:
+    return Admission(key=key, id=key, version="", hash="h" + key, entity=entity, context={"record": {"id": key}}, version_at=at)
+
+
+def test_versions_of_one_entity_run_in_the_order_of_their_updated_time_not_arrival(ledger):
+    ledger.admit("s", [dated("new", "E", NOW + 20), dated("mid", "E", NOW + 10)], [("f", False)], NOW)  # newest-first page
+    ledger.admit("s", [dated("old", "E", NOW)], [("f", False)], NOW)  # a later page
+    order = []
+    for _ in range(3):
+        [ex] = ledger.claim(NOW, 10, 300)
+        order.append(ex.key)
+        ledger.finish(ex, Finish("succeeded", 1, ex.context), NOW)
+    assert order == ["old", "mid", "new"]
+
+
+def test_a_version_waits_while_a_later_one_of_its_entity_is_running(ledger):
+    ledger.admit("s", [dated("v2", "E", NOW + 10)], [("f", False)], NOW)
+    [running] = ledger.claim(NOW, 10, 300)
+    ledger.admit("s", [dated("v1", "E", NOW)], [("f", False)], NOW)  # older, arrives while v2 is being sent
+    assert ledger.claim(NOW, 10, 300) == []
+    ledger.finish(running, Finish("succeeded", 1, running.context), NOW)
+    assert [e.key for e in ledger.claim(NOW, 10, 300)] == ["v1"]
+
+
+def test_versions_without_a_usable_time_sort_first_and_never_deadlock(ledger):
+    ledger.admit("s", [dated("x", "E", NOW + 7), dated("y", "E", None), dated("z", "E", NOW + 3)], [("f", False)], NOW)
+    order = []
+    while claimed := ledger.claim(NOW, 10, 300):
+        [ex] = claimed
+        order.append(ex.key)
+        ledger.finish(ex, Finish("succeeded", 1, ex.context), NOW)
+    assert order == ["y", "z", "x"]
+
+
+def test_supersede_retires_only_older_versions(ledger):
+    ledger.admit("s", [dated("new", "E", NOW + 20)], [("f", True)], NOW)
+    result = ledger.admit("s", [dated("old", "E", NOW)], [("f", True)], NOW)  # stale, from a later page
+    assert result.superseded == 1
+    assert {r["key"]: r["status"] for r in ledger.executions()} == {"new": "pending", "old": "superseded"}
+    both = ledger.admit("s", [dated("b2", "B", NOW + 5), dated("b1", "B", NOW)], [("f", True)], NOW)  # one page, newest first
+    assert both.superseded == 1
+    assert {r["key"]: r["status"] for r in ledger.executions() if r["entity"] == "B"} == {"b2": "pending", "b1": "superseded"}
+
+
+def test_a_started_version_is_never_superseded(ledger):
+    ledger.admit("s", [dated("v1", "E", NOW)], [("f", True)], NOW)
+    [running] = ledger.claim(NOW, 1, 300)
+    assert ledger.admit("s", [dated("v2", "E", NOW + 1)], [("f", True)], NOW).superseded == 0
+    assert {r["key"]: r["status"] for r in ledger.executions()} == {"v1": "running", "v2": "pending"}
+
+
+def test_items_marked_prime_are_seen_without_work(ledger):
+    items = [item("a"), item("b")]
+    items[0].prime = True
+    result = ledger.admit("s", items, [("f", False)], NOW)
+    assert (result.primed, result.new) == (1, 1)
+    assert [r["key"] for r in ledger.executions()] == ["b"]
+
+
+def test_priming_start_is_kept_until_a_poll_succeeds(ledger):
+    assert ledger.start_priming("s", NOW) == NOW
+    assert ledger.start_priming("s", NOW + 60) == NOW  # the second try covers the same view as the first
+    ledger.end_poll(ledger.start_poll("s", NOW + 61), "s", NOW + 62, pages=1, fetched=0, new=0, primed=0, quarantined=0, error=None, cursor=None)
+    assert ledger.cursor("s")["prime_started"] == NOW
+
+
+def test_a_key_shown_again_is_remembered_by_when_it_was_last_shown(ledger):
+    ledger.admit("s", [item("1"), item("2")], [], NOW)
+    later = NOW + 10 * 86400
+    ledger.admit("s", [], [], later, shown=ledger.seen("s", {"1"}))  # a poll shows "1" again (a known key)
+    ledger.admit("s", [item("2")], [], later + 1)  # ... or as a duplicate on a page
+    assert ledger.seen("s", {"1", "2"}) == {"1": later, "2": later + 1}
+    assert ledger.prune(later, {"s": 86400.0}, later + 86400 + TOUCH_EVERY)["records"] == 0
+    assert ledger.prune(later, {"s": 86400.0}, later + 86400 + TOUCH_EVERY + 2)["records"] == 2
+
+
+def test_a_fresh_mark_is_not_rewritten_on_every_poll(ledger):
+    ledger.admit("s", [item("1")], [], NOW)
+    ledger.admit("s", [], [], NOW + TOUCH_EVERY / 2, shown=ledger.seen("s", {"1"}))
+    assert ledger.seen("s", {"1"}) == {"1": NOW}
+
+
+def test_an_old_ledger_migrates_forward_and_keeps_its_records(tmp_path):
+    import sqlite3
+    from sqlite_utils import Database
+    from state.ledger import m001_initial
+    path = tmp_path / "old.db"
+    db = Database(path)
+    m001_initial(db)
+    db.execute("CREATE TABLE _sqlite_migrations (migration_set TEXT, name TEXT, applied_at TEXT)")
+    db.execute("INSERT INTO _sqlite_migrations VALUES ('sync-agent-ledger', 'm001_initial', '2026-11-01')")
+    db["records"].insert({"source": "s", "key": "k", "id": "k", "version": "", "hash": "h", "first_seen": NOW})
+    db.conn.commit()
+    db.conn.close()
+    with Ledger(path) as led:
+        assert led.seen("s", {"k"}) == {"k": NOW}
+        assert led.db["meta"].get("schema_version")["value"] == "2"
+    assert sqlite3.connect(path).execute("SELECT last_seen FROM records").fetchone() == (None,)
+
+
+def test_a_symlinked_path_locks_the_real_file(tmp_path):
+    real = tmp_path / "var" / "agent.db"
+    with Ledger(real):
+        os.symlink(real, tmp_path / "alias.db")
+        with pytest.raises(LedgerBusy):
+            Ledger(tmp_path / "alias.db")
+
+
+def test_an_empty_file_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "agent.db"
+    path.write_bytes(b"")
+    with pytest.raises(LedgerDamaged, match="holds no ledger"):
+        Ledger(path)
+    assert path.read_bytes() == b""

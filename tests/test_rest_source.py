@@ -317,3 +317,80 @@ def test_config_errors(config, error):
     with pytest.raises(pydantic.ValidationError) as caught:
         RestSource.Config.model_validate({"kind": "rest", **config})
     assert re.search(re.escape(error), str(caught.value))
+
+
+# Hostile values from the view: every one is data, so it fails the poll with a PageError, never a crash
+
+HOSTILE = {
+    "next URL port out of range": ({"kind": "next_url", "next": "next"}, {"next": "http://view.test:99999/next?token=SECRET"}, {},
+                                   "the next URL at 'next' is 'http://view.test:99999/next', not a usable URL (its port is out of range"),
+    "next URL port not a number": ({"kind": "next_url", "next": "next"}, {"next": "http://user:SECRET@view.test:8o/n?t=SECRET"}, {},
+                                   "the next URL at 'next' is 'http://view.test:8o/n', not a usable URL (its port is not a number"),
+    "next URL invalid IPv6": ({"kind": "next_url", "next": "next"}, {"next": "http://[::1/next?token=SECRET"}, {},
+                              "the next URL at 'next' is 'http://[::1/next', not a usable URL (its host is not a valid IP address"),
+    "next URL too long to show": ({"kind": "next_url", "next": "next"}, {"next": "http://[" + "a" * 5000}, {},
+                                  "the next URL at 'next' is 'http://[" + "a" * 31 + "…', not a usable URL"),
+    "Link header port out of range": ({"kind": "link"}, {}, {"Link": '<http://view.test:99999/next?token=SECRET>; rel="next"'},
+                                      "the Link header's next URL is 'http://view.test:99999/next', not a usable URL (its port is out of range"),
+    "Link header invalid IPv6": ({"kind": "link"}, {}, {"Link": '<http://[::1/next?token=SECRET>; rel="next"'},
+                                 "the Link header's next URL is 'http://[::1/next', not a usable URL"),
+    "cursor token is an object": ({"kind": "cursor", "next": "next"}, {"next": {"token": "SECRET"}}, {},
+                                  "the next-page token at 'next' is a dict, not a string"),
+    "total a superscript digit": ({"kind": "page", "size": 1, "total": "total"}, {"total": "²"}, {},
+                                  "the total at 'total' is '²', not a count"),
+    "total of 5,000 digits": ({"kind": "page", "size": 1, "total": "total"}, {"total": "9" * 5000}, {},
+                              "the total at 'total' is '" + "9" * 39 + "…', not a count"),
+    "total negative": ({"kind": "page", "size": 1, "total": "total"}, {"total": -1}, {}, "the total at 'total' is '-1', not a count"),
+    "total a list": ({"kind": "page", "size": 1, "total": "total"}, {"total": [[1]]}, {}, "the total at 'total' is a list, not a count"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+@responses.activate
+def test_a_hostile_paging_value_fails_the_poll_after_yielding_its_page(case):
+    paging, body, headers, message = HOSTILE[case]
+    responses.get(API, json={"records": [{"id": 1}], **body}, headers=headers)
+    pages = make_source(API, paging=paging).pages({})
+    assert next(pages).records == [{"id": 1}]  # the records were read fine: they are kept; only where to go next is bad
+    with pytest.raises(PageError) as caught:
+        next(pages)
+    text = str(caught.value)
+    assert text.startswith(f"page 1 of GET {API}: ")
+    assert message in text
+    assert "SECRET" not in text and len(text) < 300
+    assert caught.value.page == 2
+    assert len(responses.calls) == 1  # nothing was sent anywhere with the bad value
+
+
+@pytest.mark.parametrize("location", ["http://[::1/login?token=SECRET", "http://view.test:99999/login?token=SECRET"])
+@responses.activate
+def test_a_redirect_to_a_hostile_location_is_a_page_error(location):
+    responses.get(API, status=302, headers={"Location": location})
+    with pytest.raises(PageError, match=r"HTTP 302 redirect to 'http://[^']*/login'; redirects are not followed") as caught:
+        list(make_source(API).pages({}))
+    assert "SECRET" not in str(caught.value) and caught.value.page == 1
+
+
+@pytest.mark.parametrize("total, fetched", [(2, [2]), ("2", [2]), (3, [2, 0])])
+@responses.activate
+def test_a_total_as_a_number_or_digits_still_stops_paging(total, fetched):
+    responses.get(API, json={"records": [{"id": 1}, {"id": 2}], "total": total})
+    responses.get(API, json={"records": [], "total": total})
+    pages = list(make_source(API, paging={"kind": "page", "size": 2, "total": "total"}).pages({}))
+    assert [len(page.records) for page in pages] == fetched
+
+
+@responses.activate
+def test_a_non_ascii_digit_in_a_configured_path_is_a_name_not_an_index():
+    responses.get(API, json={"records": [["a"], ["b"]]})
+    with pytest.raises(PageError, match=r"no records at 'records.²'"):
+        list(make_source(API, records="records.²").pages({}))
+
+
+@pytest.mark.parametrize("url", ["http://view.test:99999/api?key=TOPSECRET", "http://view.test:x/api?key=TOPSECRET", "http://[::1/api?key=TOPSECRET"])
+def test_a_configured_url_with_a_bad_port_or_host_is_a_config_error(url):
+    with pytest.raises(pydantic.ValidationError) as caught:
+        RestSource.Config.model_validate({"kind": "rest", "url": url})
+    [error] = caught.value.errors()
+    assert error["msg"].startswith("Value error, must be an http:// or https:// URL with a host")
+    assert "TOPSECRET" not in error["msg"]

@@ -62,3 +62,26 @@ def test_sigterm_during_a_slow_delivery_finishes_the_step(tmp_path):
         rows = json.loads(agent(cfg, "executions", "--json").stdout)
         assert "running" not in {r["status"] for r in rows}  # nothing left half-done
         assert any(r["status"] == "succeeded" for r in rows)
+
+
+def test_sighup_during_a_slow_delivery_finishes_the_step_and_exits_0(tmp_path):
+    with SinkServer() as sink, ViewServer(make_leads(1), username="integration", password=PASSWORD) as view:
+        sink.delay = 1.0  # the first request is slow: SIGHUP arrives while it is in flight
+        cfg = write_config(tmp_path, view, sink)
+        cfg.write_text(cfg.read_text().replace("crm > leads > upsert", "crm > leads > create"))  # one request per record
+        proc = start(cfg)
+        try:
+            assert wait_for(lambda: len(sink.requests) == 1)
+            sink.delay = 0.0
+            proc.send_signal(signal.SIGHUP)
+            out, err = proc.communicate(timeout=20)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err
+        assert "stopping on SIGHUP" in err and "Traceback" not in err
+        [post] = sink.requests_to("POST", "/leads")
+        assert list(sink.accepted) == [post["headers"]["Idempotency-Key"]] and sink.replays == 0
+    [row] = json.loads(agent(cfg, "executions", "--json").stdout)
+    made = json.loads(agent(cfg, "executions", str(row["id"]), "--json").stdout)["attempts_made"]
+    assert row["status"] == "succeeded"  # finished, not left running to be sent again on restart
+    assert [a["outcome"] for a in made] == ["succeeded"]
