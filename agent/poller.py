@@ -72,10 +72,12 @@ def dedupe_key(record: Any, cfg: SourceConfig) -> tuple[str, str]:
 def identify(record: Any, cfg: SourceConfig) -> Admission:
     """The record's dedupe key, version, hash and entity by the source's settings."""
     rid, key = dedupe_key(record, cfg)
-    try:  # one canonical dump gives the hash, the size, and the check for broken Unicode
-        canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
+    try:  # one canonical dump gives the hash, the size, and the checks for broken Unicode and non-JSON numbers
+        canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError as error:
         raise BadRecord(f"holds a lone surrogate (broken Unicode) at character {error.start}") from None
+    except ValueError:  # NaN, Infinity, or a number too large for a float (1e400): sinks cannot carry them
+        raise BadRecord("holds NaN, Infinity or a number out of range (not valid JSON)") from None
     if len(canonical) > cfg.max_record_bytes:
         raise BadRecord(f"record is {len(canonical)} bytes, over max_record_bytes = {cfg.max_record_bytes}")
     digest = hashlib.sha256(canonical).hexdigest()

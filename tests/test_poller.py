@@ -184,3 +184,48 @@ def test_window_gap_warns(tmp_path, ledger, caplog):
         Poller(cfg, ledger, {"leads": RestSource(cfg.sources["leads"], session=build_session())}, clock=lambda: NOW).poll("leads")
         Poller(cfg, ledger, {"leads": RestSource(cfg.sources["leads"], session=build_session())}, clock=lambda: NOW + 7200).poll("leads")
     assert "may have been missed" in caplog.text
+
+
+@pytest.mark.parametrize("value, kind", [
+    ("2026-11-20T10:00:00Z", "iso"), ("2026-11-20T10:00:00+01:00", "iso"), ("2026-11-20", "iso"),
+    (1_700_000_000, "epoch_s"), (1_700_000_000.5, "epoch_s"), (1_700_000_000_000, "epoch_ms"),
+    ("n/a", None), ("", None), (None, None), (True, None), (float("nan"), None), (float("inf"), None),
+    (10 ** 400, None), ("9" * 401, None), ("9999-12-31T23:59:59-23:59", "iso"), ([2026], None), ({"t": 1}, None),
+])
+def test_read_stamp_takes_times_and_refuses_the_rest(value, kind):
+    from agent.poller import read_stamp
+    stamp = read_stamp(value)
+    assert (stamp.kind if stamp else None) == kind
+
+
+def test_a_cursor_that_would_overflow_is_no_cursor():
+    assert cursor_value("0001-01-01T00:00:00Z", 60) is None
+    assert cursor_value("9999-12-31T23:59:59-23:59", 0) is None
+    assert cursor_value("n/a", 60) is None
+
+
+def test_records_holding_nan_or_infinity_are_quarantined(tmp_path, ledger):
+    leads = make_leads(3, start="2026-11-20T10:00:00Z")
+    leads[0]["Score"], leads[1]["Score"] = float("nan"), float("inf")
+    with ViewServer(leads, page_size=10) as view:
+        cfg = source_config(tmp_path, view.url)
+        result = poller(cfg, ledger).poll("leads")
+    assert (result.new, result.quarantined, result.error) == (1, 2, None)
+    assert all("NaN, Infinity" in row["reason"] for row in ledger.quarantined())
+
+
+class _Exploding:
+    """A source whose second page hits a value no check foresaw."""
+
+    def pages(self, params):
+        from sources.base import Page
+        yield Page(1, make_leads(2, start="2026-11-20T10:00:00Z"), "page 1")
+        raise OverflowError("int too large to convert to float")
+
+
+def test_an_unexpected_error_fails_the_poll_and_keeps_what_was_admitted(tmp_path, ledger):
+    cfg = source_config(tmp_path, "http://127.0.0.1:9/x")
+    result = Poller(cfg, ledger, {"leads": _Exploding()}, clock=lambda: NOW).poll("leads")
+    assert result.new == 2 and "OverflowError" in result.error
+    assert ledger.cursor("leads")["value"] is None and ledger.cursor("leads")["last_error"] == result.error
+    assert ledger.counts() == {"f": {"pending": 2}}
