@@ -36,6 +36,7 @@ class PollResult:
     duplicates: int = 0
     quarantined: int = 0
     superseded: int = 0
+    rekeyed: int = 0
     error: str | None = None
     cursor: str | None = None
     bad: list[str] = field(default_factory=list)
@@ -147,6 +148,7 @@ class _PollState:
     flows: list
     started: float
     priming: float | None = None  # when priming began (first_run = "skip" and no good poll yet)
+    rekey: bool = False  # the source identifies records differently since its last good poll
     kind: str | None = None  # the kind of time the cursor holds ("iso", "epoch_s", "epoch_ms")
     highest: Stamp | None = None
     highest_raw: Any = None
@@ -170,19 +172,21 @@ class Poller:
         self.sources = sources
         self.clock = clock
         self.templates = templates or Templates()
+        self.version: int | None = None  # the config version new executions are pinned to
 
     def poll(self, name: str) -> PollResult:
         """One poll; a bad value from the view or a bug fails this poll, never the agent, and what was admitted stays."""
         cfg = self.config.sources[name]
         result = PollResult(name)
         log = logger.bind(source=name)
-        row = self.ledger.cursor(name)
+        identity = source_identity(cfg)
+        row, rekey = self._identity_check(name, cfg, identity, log)
         cursor = row["value"] if row else None
         flows = [(flow.name, cfg.supersede) for flow in self.config.flows_of(name)]
         self._warn_gap(name, cfg, row, log)
         started = self.clock()
         poll_id = self.ledger.start_poll(name, started)
-        state = _PollState(cursor=cursor, flows=flows, started=started)
+        state = _PollState(cursor=cursor, flows=flows, started=started, rekey=rekey)
         state.kind = stamp.kind if (stamp := read_stamp(cursor)) else None
         if cfg.first_run == "skip" and not (row and row["last_success"] is not None):  # no good poll yet: first run
             state.priming = self.ledger.start_priming(name, started)
@@ -205,10 +209,30 @@ class Poller:
             result.cursor = cursor_value(state.highest_raw, cfg.overlap)
         self._report_unusable(name, cfg, state, log)
         self._report_priming(name, cfg, state, row, result, log)
+        if result.rekeyed:
+            log.warning("{}: re-keyed {} record(s): already known under the source's previous identity, now marked seen "
+                        "under the new one; nothing is sent for them", name, result.rekeyed)
         self.ledger.end_poll(poll_id, name, self.clock(), pages=result.pages, fetched=result.fetched, new=result.new,
-                             primed=result.primed, quarantined=result.quarantined, error=result.error, cursor=result.cursor)
+                             primed=result.primed, quarantined=result.quarantined, error=result.error, cursor=result.cursor,
+                             identity=json.dumps(identity, sort_keys=True))
         self._log(result, log)
         return result
+
+    def _identity_check(self, name: str, cfg: SourceConfig, identity: dict, log) -> tuple[dict | None, bool]:
+        """(cursor row, re-key?): another view is a new source; another way of keying records means re-keying."""
+        row = self.ledger.cursor(name)
+        stored = json.loads(row["identity"]) if row and row.get("identity") else None
+        if stored is None or stored == identity:
+            return row, False
+        if stored.get("view") != identity["view"]:
+            log.warning("{}: the source now reads another view (its kind, url or path changed): it is treated as a new source, "
+                        "its cursor is reset and first_run = {!r} decides what is sent", name, cfg.first_run)
+            self.ledger.new_view(name)
+            return self.ledger.cursor(name), False
+        changed = ", ".join(f"{key} {stored['key'].get(key)!r} -> {value!r}" for key, value in identity["key"].items() if stored["key"].get(key) != value)
+        log.warning("{}: records are now identified differently ({}); records already known are recognised by their content "
+                    "and marked seen under the new identity without being sent", name, changed)
+        return row, True
 
     def _read(self, name: str, cfg: SourceConfig, state: "_PollState", result: PollResult, log) -> None:
         """Read the view, again (up to MAX_PASSES) when its order shifted or records left it while it was paged."""
@@ -276,14 +300,19 @@ class Poller:
             state.shifted = "the view's order shifted while it was paged (a record showed on two pages)"
         state.previous = keys
         state.truncated |= bool(page.meta.get("truncated"))
+        if state.rekey and good:  # the same content under the previous identity: a version already handled
+            held = self.ledger.known_content(name, {item.hash for item in good})
+            for item in good:
+                item.rekeyed = item.hash in held
         shown = {key: last for key, last in known.values()}
-        admitted = self.ledger.admit(name, good, state.flows, self.clock(), shown=shown)
+        admitted = self.ledger.admit(name, good, state.flows, self.clock(), shown=shown, version=self.version)
         result.pages += 1
         result.fetched += len(page.records)
         result.new += admitted.new
         result.primed += admitted.primed
         result.duplicates += admitted.duplicates + len(known)
         result.superseded += admitted.superseded
+        result.rekeyed += admitted.rekeyed
         log.debug("{} page {}: {} records, {} new", name, page.number, len(page.records), admitted.new + admitted.primed)
 
     def _note_updated(self, cfg: SourceConfig, record: Any, state: "_PollState", new_key: str | None) -> Stamp | None:
@@ -363,6 +392,16 @@ class Poller:
             log.error("{} — FAILED: {} (the cursor stays; next poll tries again)", summary, result.error)
         else:
             log.info(summary)
+
+
+def source_identity(cfg: SourceConfig) -> dict:
+    """What makes the source's records what they are: the view it reads, and how a record's key is made."""
+    where = str(getattr(cfg, "url", None) or getattr(cfg, "path", ""))
+    view = hashlib.sha256(f"{cfg.kind}\x1f{where}".encode()).hexdigest()[:16]  # a hash: the URL may hold a key
+    key = {"id": cfg.id, "dedupe": cfg.dedupe, "records": cfg.records}
+    if cfg.dedupe == "id+updated":
+        key["updated"] = cfg.updated
+    return {"view": view, "key": key}
 
 
 _KINDS = {"iso": "ISO 8601 text", "epoch_s": "epoch seconds", "epoch_ms": "epoch milliseconds"}

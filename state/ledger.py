@@ -85,7 +85,19 @@ def m002_version_order_last_seen_priming(db: Database) -> None:
     db["cursors"].add_column("prime_started", float)  # when priming began: versions updated after it are delivered
 
 
-SCHEMA_VERSION = 2
+@migrations()
+def m003_config_versions(db: Database) -> None:
+    db["config_versions"].create(
+        {"number": int, "hash": str, "text": str, "sections": str, "flows": str, "first_used": float, "last_used": float},
+        pk="number",
+    )
+    db["config_versions"].create_index(["hash"], unique=True)
+    db["executions"].add_column("version", int)  # the config version whose flow definition the execution runs
+    db["cursors"].add_column("identity", str)  # how the source identified records at its last good poll
+    db["records"].create_index(["source", "hash"])  # re-keying: a version known under the previous identity
+
+
+SCHEMA_VERSION = 3
 TOUCH_EVERY = 3600.0  # a re-shown key's last_seen is refreshed at most this often (a write per page, not per poll)
 _UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
 
@@ -102,6 +114,7 @@ class Admission:
     context: dict  # what the flow starts from: {"record": ..., "cursor": ...}
     version_at: float | None = None  # the version's `updated` as a number (None: order by arrival)
     prime: bool = False  # mark seen without scheduling (the source's first run, `first_run = "skip"`)
+    rekeyed: bool = False  # known under the source's previous identity: mark seen under the new key, schedule nothing
 
 
 @dataclass
@@ -110,6 +123,7 @@ class Admitted:
     primed: int = 0
     duplicates: int = 0
     superseded: int = 0
+    rekeyed: int = 0
 
 
 @dataclass
@@ -125,6 +139,7 @@ class Execution:
     context: dict
     replay: int = 0
     single: bool = False
+    version: int | None = None  # the config version it was admitted under (its flow definition)
 
 
 @dataclass
@@ -322,7 +337,7 @@ class Ledger:
 
     # -- admission -----------------------------------------------------------------
     def admit(self, source: str, items: list[Admission], flows: list[tuple[str, bool]], now: float, *,
-              prime: bool = False, shown: dict[str, float] | None = None) -> Admitted:
+              prime: bool = False, shown: dict[str, float] | None = None, version: int | None = None) -> Admitted:
         """Mark a page's records seen and create their executions, in one transaction.
 
         ``flows`` are (flow name, supersede) of the flows subscribed to the source.
@@ -340,14 +355,15 @@ class Ledger:
                 [(source, a.key, a.id, a.version, a.hash, now, now) for a in fresh],
             )
             self.failpoint("inside_admit")
-            scheduled = [a for a in fresh if not (prime or a.prime)]
-            result.primed = len(fresh) - len(scheduled)
+            scheduled = [a for a in fresh if not (prime or a.prime or a.rekeyed)]
+            result.rekeyed = sum(a.rekeyed for a in fresh)
+            result.primed = len(fresh) - len(scheduled) - result.rekeyed
             result.new = len(scheduled)
             for flow, supersede in flows:
                 conn.executemany(
-                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, version_at)"
-                    " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?)",
-                    [(flow, source, a.key, a.entity, now, _json(a.context), now, now, a.version_at) for a in scheduled],
+                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, version_at, version)"
+                    " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?, ?)",
+                    [(flow, source, a.key, a.entity, now, _json(a.context), now, now, a.version_at, version) for a in scheduled],
                 )
                 if supersede and scheduled:
                     result.superseded += self._supersede(conn, flow, {a.entity for a in scheduled}, now)
@@ -424,6 +440,21 @@ class Ledger:
         with self.write() as conn:
             return conn.execute("INSERT INTO polls (source, started, pages, fetched, new, primed, quarantined) VALUES (?, ?, 0, 0, 0, 0, 0)", (source, now)).lastrowid
 
+    def new_view(self, source: str) -> None:
+        """The source now reads another view: forget its cursor and its good polls, so `first_run` decides again."""
+        with self.write() as conn:
+            conn.execute("UPDATE cursors SET value = NULL, last_success = NULL, prime_started = NULL, identity = NULL WHERE source = ?", (source,))
+
+    def known_content(self, source: str, hashes: set[str]) -> set[str]:
+        """The record hashes of ``hashes`` the ledger holds for this source (under any key)."""
+        found: set[str] = set()
+        ordered = list(hashes)
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start:start + 500]
+            found.update(r[0] for r in self.conn.execute(
+                f"SELECT hash FROM records WHERE source = ? AND hash IN ({','.join('?' * len(chunk))})", (source, *chunk)))
+        return found
+
     def start_priming(self, source: str, now: float) -> float:
         """When priming of this source began: ``now`` the first time, then kept until a poll succeeds."""
         with self.write() as conn:
@@ -432,8 +463,8 @@ class Ledger:
             return conn.execute("SELECT prime_started FROM cursors WHERE source = ?", (source,)).fetchone()[0]
 
     def end_poll(self, poll: int, source: str, now: float, *, pages: int, fetched: int, new: int, primed: int,
-                 quarantined: int, error: str | None, cursor: str | None) -> None:
-        """Record a poll's outcome; the cursor moves only when the poll succeeded."""
+                 quarantined: int, error: str | None, cursor: str | None, identity: str | None = None) -> None:
+        """Record a poll's outcome; the cursor (and the source's identity) move only when the poll succeeded."""
         with self.write() as conn:
             conn.execute(
                 "UPDATE polls SET finished = ?, pages = ?, fetched = ?, new = ?, primed = ?, quarantined = ?, error = ? WHERE id = ?",
@@ -442,8 +473,9 @@ class Ledger:
             conn.execute("INSERT OR IGNORE INTO cursors (source) VALUES (?)", (source,))
             if error is None:
                 conn.execute(
-                    "UPDATE cursors SET value = COALESCE(?, value), last_poll = ?, last_success = ?, last_error = NULL WHERE source = ?",
-                    (cursor, now, now, source),
+                    "UPDATE cursors SET value = COALESCE(?, value), last_poll = ?, last_success = ?, last_error = NULL,"
+                    " identity = COALESCE(?, identity) WHERE source = ?",
+                    (cursor, now, now, identity, source),
                 )
             else:
                 conn.execute("UPDATE cursors SET last_poll = ?, last_error = ? WHERE source = ?", (now, error, source))
@@ -489,7 +521,8 @@ class Ledger:
             )
         return [
             Execution(r["id"], r["flow"], r["source"], r["key"], r["entity"], r["step"], r["attempts"] + 1,
-                      r["first_attempt"] if r["first_attempt"] is not None else now, json.loads(r["context"]), r["replay"], bool(r["single"]))
+                      r["first_attempt"] if r["first_attempt"] is not None else now, json.loads(r["context"]), r["replay"], bool(r["single"]),
+                      r["version"])
             for r in rows
         ]
 
@@ -535,9 +568,9 @@ class Ledger:
             self.failpoint("inside_failure")
         for spawn in result.spawn:
             conn.execute(
-                "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, single)"
-                " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, 1)",
-                (ex.flow, ex.source, ex.key, ex.entity, spawn["step"], now, _json(spawn["context"]), now, now, ex.replay),
+                "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, single, version)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, 1, ?)",
+                (ex.flow, ex.source, ex.key, ex.entity, spawn["step"], now, _json(spawn["context"]), now, now, ex.replay, ex.version),
             )
 
     def wake_paused(self, now: float) -> int:
@@ -554,6 +587,57 @@ class Ledger:
         row = self.conn.execute(f"SELECT MIN(next_at) FROM executions WHERE status {_IN_WAITING}").fetchone()
         return row[0]
 
+    # -- config versions -----------------------------------------------------------------
+    def use_config(self, hash: str, text: str, sections: dict, flows: dict, now: float) -> int:
+        """Record the config the agent runs with (once per distinct content) and pin unpinned work to it; its number.
+
+        Executions from before versions were kept (a migrated ledger) are pinned to the first version recorded."""
+        with self.write() as conn:
+            row = conn.execute("SELECT number FROM config_versions WHERE hash = ?", (hash,)).fetchone()
+            if row:
+                number = row[0]
+                conn.execute("UPDATE config_versions SET last_used = ? WHERE number = ?", (now, number))
+            else:
+                number = conn.execute(
+                    "INSERT INTO config_versions (hash, text, sections, flows, first_used, last_used) VALUES (?, ?, ?, ?, ?, ?)",
+                    (hash, text, _json(sections), _json(flows), now, now)).lastrowid
+            conn.execute("UPDATE executions SET version = ? WHERE version IS NULL", (number,))
+        return number
+
+    def config_versions(self) -> list[dict]:
+        """Every recorded config version, oldest first (number, hash, first_used, last_used, sections)."""
+        rows = self._rows("SELECT number, hash, first_used, last_used, sections FROM config_versions ORDER BY number")
+        for row in rows:
+            row["sections"] = json.loads(row["sections"])
+        return rows
+
+    def config_version(self, number: int) -> dict | None:
+        """One version with its (masked) text and pinned flow definitions."""
+        rows = self._rows("SELECT * FROM config_versions WHERE number = ?", (number,))
+        for row in rows:
+            row["sections"], row["flows"] = json.loads(row["sections"]), json.loads(row["flows"])
+        return rows[0] if rows else None
+
+    def waiting_work(self, ids: list[int] | None = None, flow: str | None = None) -> list[dict]:
+        """Executions that can move to another flow version: waiting, failed or dead (not running, not finished)."""
+        sql = "SELECT id, flow, step, attempts, status, version, single, context FROM executions WHERE status IN ('pending', 'retrying', 'paused', 'failed', 'dead')"
+        params: list = []
+        if ids:
+            sql += f" AND id IN ({','.join('?' * len(ids))})"
+            params += ids
+        if flow:
+            sql += " AND flow = ?"
+            params.append(flow)
+        return self._rows(sql + " ORDER BY id", params)
+
+    def move_to_version(self, moves: list[tuple[int, int, int, dict]], now: float) -> int:
+        """(execution, version, step, context): re-pin waiting work; only rows still waiting move."""
+        with self.write() as conn:
+            return sum(conn.execute(
+                "UPDATE executions SET version = ?, step = ?, context = ?, updated = ? WHERE id = ?"
+                " AND status IN ('pending', 'retrying', 'paused', 'failed', 'dead')",
+                (version, step, _json(context), now, ex_id)).rowcount for ex_id, version, step, context in moves)
+
     # -- operator views and actions -----------------------------------------------------------------
     def executions(self, *, status: str | None = None, flow: str | None = None, limit: int = 1000, ids: list[int] | None = None) -> list[dict]:
         where, params = [], []
@@ -566,7 +650,7 @@ class Ledger:
         if ids:
             where.append(f"id IN ({','.join('?' * len(ids))})")
             params.extend(ids)
-        sql = "SELECT id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated FROM executions"
+        sql = "SELECT id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version FROM executions"
         sql += (" WHERE " + " AND ".join(where)) if where else ""
         return self._rows(sql + " ORDER BY id LIMIT ?", (*params, limit))
 
@@ -601,8 +685,9 @@ class Ledger:
             sql, params = sql + " AND entity = ?", params + [entity]
         return [r[0] for r in self.conn.execute(sql + " ORDER BY id", params)]
 
-    def replay(self, ids: list[int], now: float) -> int:
-        """Schedule finished executions again from their first step, each under a new replay number (a new key)."""
+    def replay(self, ids: list[int], now: float, version: int | None = None) -> int:
+        """Schedule finished executions again from their first step, each under a new replay number (a new key),
+        on config ``version`` (the current one: a replay is sent now, by today's flow)."""
         with self.write() as conn:
             rows = self._rows(f"SELECT * FROM executions WHERE id IN ({','.join('?' * len(ids))})", ids) if ids else []
             for row in rows:
@@ -610,10 +695,10 @@ class Ledger:
                 generation = conn.execute("SELECT COALESCE(MAX(replay), 0) + 1 FROM executions WHERE flow = ? AND source = ? AND key = ?",
                                           (row["flow"], row["source"], row["key"])).fetchone()[0]
                 conn.execute(
-                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, version_at)"
-                    " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, version_at, version)"
+                    " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?, ?, ?)",
                     (row["flow"], row["source"], row["key"], row["entity"], now,
-                     _json({"record": old.get("record"), "cursor": old.get("cursor")}), now, now, generation, row["version_at"]),
+                     _json({"record": old.get("record"), "cursor": old.get("cursor")}), now, now, generation, row["version_at"], version),
                 )
         return len(rows)
 
