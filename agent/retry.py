@@ -1,9 +1,12 @@
 """RetryPolicy: when to try a failed step again, and when to give up."""
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Callable
+
+from loguru import logger
 
 from agent.config import RetryConfig
 
@@ -27,7 +30,13 @@ class RetryPolicy:
         names = {condition or ""}
         if status_code is not None and 100 <= status_code <= 599:
             names |= {str(status_code), f"{status_code // 100}xx"}
-        return bool(names & set(self.on))
+        if names & set(self.on):
+            return True
+        if condition == "4xx" and "5xx" in self.on:  # SMTP temporary replies were called "5xx" before: still matched
+            if self.on != RetryPolicy.on:  # a list someone wrote, not the default: tell them the new name
+                _old_name(self.on)
+            return True
+        return False
 
     def next_delay(self, attempt: int, retry_after: float | None = None, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
@@ -48,3 +57,9 @@ class RetryPolicy:
         if at - first_attempt > self.window:
             return None
         return at
+
+
+@functools.cache
+def _old_name(on: tuple[str, ...]) -> None:
+    """Say once per `on` list that "5xx" matched an SMTP temporary reply by its deprecated name."""
+    logger.warning('retry on = {}: "5xx" matched an SMTP temporary reply (4xx) by its old name, which is deprecated; write "4xx"', list(on))

@@ -6,12 +6,22 @@ that comes from a record is checked here, so a bad value is a per-record
 ``InvalidMessage`` naming the field and the value, never a header injection:
 
 - every header value is refused when it holds a control character, raw or
-  RFC 2047-encoded (``sinks.base.header_safe``; CVE-2024-6923);
+  RFC 2047-encoded (``sinks.base.header_safe``; CVE-2024-6923), or an
+  encoded word in a charset Python does not know;
 - addresses are parsed with ``email.utils.getaddresses`` and each must be a
-  plain ASCII ``local@domain``; a string is a comma-separated list, while a
-  list item is exactly one address (so a record value with a comma cannot
+  plain ASCII ``local@domain`` within RFC 5321's limits (local part 64,
+  domain 255, address 254 octets); a string is a comma-separated list, while
+  a list item is exactly one address (so a record value with a comma cannot
   add recipients when the config uses the list form);
+- a subject or display name longer than 2,000 characters is cut, ending in
+  "…", before the message is built: folding a long header takes time
+  quadratic in its length (a 600 KB subject took 95 s); for the same reason
+  a field holds at most ``MAX_ADDRESSES`` addresses and ``MAX_NAMES``
+  characters of display names;
 - Bcc goes into the envelope only, never into a header.
+
+Whatever the email library cannot take (a RecursionError on ``"(" * 3000``)
+is an ``InvalidMessage`` naming the field too, never an exception.
 
 The Message-ID is ``<key@sender-domain>`` (the idempotency key on the left):
 a retry re-sends the same Message-ID, and a domain that is a real FQDN keeps
@@ -40,6 +50,13 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _ADDR = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*")
 _KEY = re.compile(r"[A-Za-z0-9._+=-]+")
+MAX_SUBJECT = 2000  # characters; a longer subject is cut and ends in an ellipsis
+MAX_NAME = 2000  # characters of a display name, cut likewise
+MAX_ADDRESSES = 1000  # per field
+MAX_NAMES = 8000  # characters of all display names in one field: folding them costs up to 0.25 ms a character
+_MAX_LOCAL, _MAX_DOMAIN, _MAX_ADDRESS = 64, 255, 254  # octets, RFC 5321 4.5.3.1
+_UNREADABLE = (LookupError, RecursionError, ValueError, IndexError, TypeError)  # what the email library raises on odd input
+_HEADERS = {"From": "sender", "To": "to", "Cc": "cc", "Reply-To": "reply_to", "Subject": "subject"}
 
 
 class InvalidMessage(ValueError):
@@ -109,16 +126,13 @@ def compose(data: dict[str, Any] | MessageInput, *, sender: str, key: str, now: 
         raise InvalidMessage("; ".join(_explain(error) for error in exc.errors())) from None
     fields = {name: _addresses(name, getattr(message, name)) for name in ("to", "cc", "bcc", "reply_to")}
     if not fields["to"]:
-        raise InvalidMessage(f"to: no recipient in {message.to!r}")
-    if not header_safe(message.subject):
-        raise InvalidMessage(f"subject: {message.subject!r} holds a control character (raw or encoded)")
+        raise InvalidMessage(f"to: no recipient in {_show(message.to)}")
+    subject = _cut(message.subject, MAX_SUBJECT)
+    _check_header("subject", subject)
     from_address = _one_address("sender", sender)
     message_id = f"<{key}@{from_address.domain}>"
-    try:
-        built = _build(message, fields, sender=sender, message_id=message_id, now=now)
-        raw = built.as_bytes(policy=_POLICY.clone(linesep=linesep))
-    except (UnicodeError, ValueError) as exc:  # e.g. a lone surrogate from a record
-        raise InvalidMessage(f"message cannot be encoded: {exc}") from None
+    built = _build(message, fields, subject=subject, sender=sender, message_id=message_id, now=now)
+    raw = _encode(built, linesep)
     recipients = _unique(a.addr_spec for name in ("to", "cc", "bcc") for a in fields[name])
     return Mail(from_address.addr_spec, recipients, message_id, raw)
 
@@ -129,15 +143,16 @@ def _explain(error: dict[str, Any]) -> str:
     return f"{where}: {error['msg']}"
 
 
-def _build(message: MessageInput, fields: dict[str, list[Address]], *, sender: str, message_id: str, now: float) -> EmailMessage:
+def _build(message: MessageInput, fields: dict[str, list[Address]], *, subject: str, sender: str, message_id: str, now: float) -> EmailMessage:
     """The EmailMessage with headers and body; Bcc is left out on purpose."""
     built = EmailMessage(policy=_POLICY)
-    built["From"] = sender
-    built["To"] = fields["to"]
-    for header, name in (("Cc", "cc"), ("Reply-To", "reply_to")):
-        if fields[name]:
-            built[header] = fields[name]
-    built["Subject"] = message.subject
+    headers = {"From": sender, "To": fields["to"], "Cc": fields["cc"], "Reply-To": fields["reply_to"], "Subject": subject}
+    for header, value in headers.items():
+        if value:
+            try:
+                built[header] = value
+            except _UNREADABLE as exc:
+                raise InvalidMessage(f"{_HEADERS[header]}: cannot be put in a header ({type(exc).__name__}: {_show(str(exc))})") from None
     built["Date"] = email.utils.format_datetime(datetime.fromtimestamp(now, timezone.utc))
     built["Message-ID"] = message_id
     built["Auto-Submitted"] = "auto-generated"  # RFC 3834: keeps vacation responders from answering
@@ -150,14 +165,33 @@ def _build(message: MessageInput, fields: dict[str, list[Address]], *, sender: s
     return built
 
 
+def _encode(built: EmailMessage, linesep: str) -> bytes:
+    """The message's bytes; a value that cannot be encoded fails naming its field."""
+    policy = _POLICY.clone(linesep=linesep)
+    try:
+        return built.as_bytes(policy=policy)
+    except (UnicodeError, *_UNREADABLE) as exc:  # e.g. a lone surrogate from a record
+        reason = f"{type(exc).__name__}: {_show(str(exc))}"
+    for header, field in _HEADERS.items():  # which field was it? fold each header alone
+        if header in built:
+            try:
+                policy.fold_binary(header, built[header])
+            except (UnicodeError, *_UNREADABLE):
+                raise InvalidMessage(f"{field}: cannot be encoded ({reason})") from None
+    raise InvalidMessage(f"text or html: cannot be encoded ({reason})")
+
+
 def _addresses(field: str, value: Addresses) -> list[Address]:
     """Parse an address field: a string is comma-separated, a list item is exactly one address."""
     if isinstance(value, str):
-        return _parse(field, value)
-    found = []
-    for item in value:
-        if item.strip():
-            found.append(_one_address(field, item))
+        found = _parse(field, value)
+    elif len(value) > MAX_ADDRESSES:
+        raise InvalidMessage(f"{field}: {len(value)} addresses; a field holds at most {MAX_ADDRESSES}")
+    else:
+        found = [_one_address(field, item) for item in value if item.strip()]
+    names = sum(len(address.display_name) for address in found)
+    if names > MAX_NAMES:
+        raise InvalidMessage(f"{field}: display names of {names} characters in all; a field holds at most {MAX_NAMES}")
     return found
 
 
@@ -165,24 +199,55 @@ def _one_address(field: str, value: str) -> Address:
     """Exactly one address, or InvalidMessage."""
     parsed = _parse(field, value)
     if len(parsed) != 1:
-        raise InvalidMessage(f"{field}: {value!r} is not exactly one address")
+        raise InvalidMessage(f"{field}: {_show(value)} is not exactly one address")
     return parsed[0]
 
 
 def _parse(field: str, value: str) -> list[Address]:
     """Every address in a header value, each checked; InvalidMessage names the bad one."""
-    if not header_safe(value):
-        raise InvalidMessage(f"{field}: {value!r} holds a control character (raw or encoded)")
+    _check_header(field, value)
+    try:
+        pairs = email.utils.getaddresses([value])
+    except _UNREADABLE as exc:  # RecursionError on "(" * 3000: comments nest without end
+        raise InvalidMessage(f"{field}: {_show(value)} is not a valid address ({type(exc).__name__})") from None
+    if len(pairs) > MAX_ADDRESSES:
+        raise InvalidMessage(f"{field}: {len(pairs)} addresses; a field holds at most {MAX_ADDRESSES}")
     found = []
-    for name, addr in email.utils.getaddresses([value]):
+    for name, addr in pairs:
         # getaddresses (3.11.7, before the strict mode of CVE-2023-27043) yields ('', '') for what it cannot parse
         if not _ADDR.fullmatch(addr):
-            raise InvalidMessage(f"{field}: {value!r} is not a valid address")
+            raise InvalidMessage(f"{field}: {_show(value)} is not a valid address")
+        local, _, domain = addr.rpartition("@")
+        if len(local) > _MAX_LOCAL or len(domain) > _MAX_DOMAIN or len(addr) > _MAX_ADDRESS:
+            raise InvalidMessage(f"{field}: {_show(addr)} is longer than RFC 5321 allows "
+                                 f"(local part {_MAX_LOCAL}, domain {_MAX_DOMAIN}, address {_MAX_ADDRESS} octets)")
         try:
-            found.append(Address(display_name=name, addr_spec=addr))
-        except (ValueError, IndexError):
-            raise InvalidMessage(f"{field}: {value!r} is not a valid address") from None
+            found.append(Address(display_name=_cut(name, MAX_NAME), addr_spec=addr))
+        except _UNREADABLE:
+            raise InvalidMessage(f"{field}: {_show(value)} is not a valid address") from None
     return found
+
+
+def _check_header(field: str, value: str) -> None:
+    """InvalidMessage unless a header value is safe to pass on and readable."""
+    try:
+        safe = header_safe(value)
+    except LookupError:  # an encoded word in a charset Python does not know: =?x-unknown?q?hi?=
+        raise InvalidMessage(f"{field}: {_show(value)} holds an encoded word in an unknown charset") from None
+    if not safe:
+        raise InvalidMessage(f"{field}: {_show(value)} holds a control character (raw or encoded)")
+
+
+def _cut(text: str, limit: int) -> str:
+    """At most `limit` characters; a longer text is cut and ends in an ellipsis."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value for an error message: its repr, cut when long, so a 600 KB value does not fill the log."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value)} characters)"
+    return repr(value)
 
 
 def _unique(addresses) -> list[str]:

@@ -21,7 +21,7 @@ import pytest
 
 from agent.flows import idempotency_key
 from state.ledger import Ledger
-from smtpserver import SmtpServer, make_certificate
+from smtpserver import HostileSmtpServer, SmtpServer, make_certificate
 from viewserver import ViewServer, make_leads, update
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,17 +145,14 @@ def write_config(folder: Path, source: str, connector: str, *, to: str = f'["{SA
 
 
 class RecordingSmtpServer(SmtpServer):
-    """An SmtpServer that also counts every MAIL/RCPT/DATA command and keeps every DATA payload, accepted or not."""
+    """An SmtpServer that also counts every MAIL/RCPT/DATA command (``data`` keeps every DATA payload, accepted or not)."""
 
     def __init__(self, **options):
         super().__init__(**options)
         self.commands: Counter = Counter()
-        self.data: list[bytes] = []
 
     async def _play(self, stage, smtp, accept):
         self.commands[stage] += 1
-        if stage == "DATA":  # a refused DATA is not in `messages`; its bytes prove which Message-ID went out
-            self.data.append(smtp.envelope.original_content)
         return await super()._play(stage, smtp, accept)
 
 
@@ -483,3 +480,121 @@ def test_no_secret_reaches_output_json_or_the_ledger(tmp_path, certificate):
     for secret in secrets:
         assert not [t for t in texts if secret in t], secret
         assert secret.encode() not in ledger_bytes, secret
+
+
+# -- 8. values email cannot carry, hostile and idle servers -----------------------------------------------------------------
+
+def with_retry(cfg: Path, retry: str) -> Path:
+    """The config with the step's retry table replaced."""
+    text = cfg.read_text(encoding="utf-8")
+    cfg.write_text(text.replace('retry = { attempts = 3, interval = "500ms", jitter = false }', f"retry = {retry}"), encoding="utf-8")
+    return cfg
+
+
+def test_values_email_cannot_carry_fail_after_one_attempt_naming_the_field(tmp_path):
+    leads = make_leads(6)
+    leads[0]["FirstName"] = "=?x-unknown?q?hi?="                   # subject: an unknown charset
+    leads[1]["Email"] = "=?x-unknown?q?hi?= <ok@example.invalid>"  # to: the same
+    leads[2]["Email"] = "(" * 3000                                 # to: RecursionError in the parser
+    leads[3]["Email"] = "a" * 65 + "@example.invalid"              # to: over RFC 5321's local part
+    leads[4]["FirstName"] = "Grüße " * 100_000                     # subject: 600 KB, cut
+    expected_field = {0: "subject", 1: "to", 2: "to", 3: "to"}
+    with SmtpServer() as smtp:
+        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp), to=f'["{SALES}", "{{{{ record.Email }}}}"]', reply_to="")
+
+        result = agent(cfg, "run", "--once")
+
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert (summary(result)["sent"], summary(result)["failed"], summary(result)["waiting"]) == (2, 4, 0)
+        failed = {r["key"]: r for r in ledger_rows(cfg, "failed")}
+        assert set(failed) == {leads[i]["lastSubmissionID"] for i in expected_field}
+        for i, field in expected_field.items():
+            row = failed[leads[i]["lastSubmissionID"]]
+            assert row["attempts"] == 1 and f"step 0 (mail > message > send): {field}: " in row["last_error"]
+            assert len(row["last_error"]) < 400
+        subjects = {m.message["Message-ID"]: m.message["Subject"] for m in smtp.messages}
+        assert subjects[message_id(leads[4]["lastSubmissionID"])] == ("New lead: " + "Grüße " * 400)[:1999] + "…"
+
+
+def test_an_idle_connection_the_server_gave_up_is_reopened_without_spending_an_attempt(tmp_path):
+    leads = make_leads(3)
+    with RecordingSmtpServer() as smtp:
+        # Postfix after an idle period: the next command on the old connection gets 421 and the connection closes
+        smtp.reply_next(1, "421 4.4.2 smtp.test Error: timeout exceeded", at="MAIL", close=True, after=1)
+        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp), concurrency=1)
+        with_retry(cfg, '{ on = ["timeout"], attempts = 3, interval = "500ms", jitter = false }')  # no 4xx: no retry to hide behind
+
+        result = agent(cfg, "run", "--once")
+
+        assert result.returncode == 0, result.stderr
+        assert (summary(result)["sent"], summary(result)["failed"], summary(result)["waiting"]) == (3, 0, 0)
+        rows = ledger_rows(cfg)
+        assert [r["status"] for r in rows] == ["succeeded"] * 3
+        with Ledger(cfg.parent / "var" / "agent.db", hold=False) as ledger:
+            assert [[a["outcome"] for a in ledger.attempts_of(r["id"])] for r in rows] == [["succeeded"]] * 3  # one attempt each
+        assert Counter(m.message["Message-ID"] for m in smtp.messages) == Counter({message_id(lead["lastSubmissionID"]): 1 for lead in leads})
+        assert smtp.connections == 2 and smtp.commands["DATA"] == 3
+
+
+def test_a_drop_after_the_message_is_retried_by_policy_not_at_once(tmp_path):
+    leads = make_leads(3)
+    ids = [message_id(lead["lastSubmissionID"]) for lead in leads]
+    with RecordingSmtpServer() as smtp:
+        smtp.drop_next(1, at="DATA", after=1)  # the second message: its final "." arrives, the connection closes unanswered
+        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp), concurrency=1)
+
+        first = agent(cfg, "run", "--once")
+
+        assert first.returncode == 0, first.stderr
+        assert (summary(first)["sent"], summary(first)["waiting"]) == (2, 1)
+        assert [parse(raw)["Message-ID"] for raw in smtp.data] == ids  # each went out once: the second was not re-sent at once
+        [waiting] = ledger_rows(cfg, "retrying")
+        assert (waiting["key"], waiting["attempts"]) == (leads[1]["lastSubmissionID"], 1)
+
+        time.sleep(max(0.0, waiting["next_at"] - time.time()) + 0.01)
+        second = agent(cfg, "run", "--once")
+
+        assert second.returncode == 0, second.stderr
+        assert summary(second)["sent"] == 1
+        assert [parse(raw)["Message-ID"] for raw in smtp.data] == ids + [ids[1]]  # later, with the same Message-ID
+        assert [r["status"] for r in ledger_rows(cfg)] == ["succeeded"] * 3
+
+
+@pytest.mark.parametrize("on, deprecated", [('on = ["4xx"], ', False), ("", False), ('on = ["5xx"], ', True)])
+def test_smtp_temporary_replies_are_retried_as_4xx_and_5xx_still_matches_with_a_deprecation_line(tmp_path, on, deprecated):
+    leads = make_leads(1)
+    with SmtpServer() as smtp:
+        smtp.reply_next(1, "451 4.3.0 mailbox busy, try later")
+        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp))
+        with_retry(cfg, f'{{ {on}attempts = 3, interval = "500ms", jitter = false }}')
+
+        result = agent(cfg, "run", "--once")
+
+        assert result.returncode == 0, result.stderr
+        [row] = ledger_rows(cfg)
+        assert (row["status"], row["attempts"]) == ("retrying", 1) and "451 4.3.0" in row["last_error"]
+        assert ('"5xx" matched an SMTP temporary reply (4xx) by its old name' in result.stderr) is deprecated
+
+
+def drip_ehlo(talk, stop):
+    """A server that answers EHLO with "250-" lines, one every 50 ms, without end."""
+    talk.send("220 hostile ESMTP")
+    talk.until("EHLO")
+    talk.drip(stop, b"250-still here\r\n")
+
+
+def test_a_dripping_smtp_server_costs_the_timeout_and_the_record_waits(tmp_path):
+    leads = make_leads(1)
+    with HostileSmtpServer(drip_ehlo, lifetime=20) as smtp:
+        cfg = write_config(tmp_path, file_source(tmp_path, leads), smtp_connector(smtp).replace('timeout = "5s"', 'timeout = "1s"'))
+
+        start = time.monotonic()
+        result = agent(cfg, "run", "--once")
+        elapsed = time.monotonic() - start
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert elapsed < 8, f"{elapsed:.1f}s: the agent waited on the server past its 1s timeout"
+    [row] = ledger_rows(cfg)
+    assert (row["status"], row["attempts"]) == ("retrying", 1) and "timed out" in row["last_error"]

@@ -111,3 +111,23 @@ def test_config_rejects_unknown_keys_and_defaults_the_sender():
     assert MailboxConnector.Config(kind="mailbox", path="var/mail").sender == "sync-agent@localhost"
     with pytest.raises(pydantic.ValidationError):
         MailboxConnector.Config(kind="mailbox", path="var/mail", folder="x")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("subject", "=?x-unknown?q?hi?="),
+    ("to", "(" * 3000),
+    ("reply_to", ["a" * 65 + "@example.org"]),
+])
+def test_a_value_email_cannot_carry_fails_naming_the_field_and_writes_nothing(tmp_path, field, value):
+    outcome = connector_in(tmp_path).run(SEND, {**MESSAGE, field: value}, KEY)
+
+    assert outcome.status == "failed" and outcome.error.startswith(f"{field}: ")
+    assert not (tmp_path / "var/mail").exists() or messages(tmp_path / "var/mail") == []
+
+
+def test_a_huge_subject_is_written_cut(tmp_path):
+    outcome = connector_in(tmp_path).run(SEND, {**MESSAGE, "subject": "Grüße " * 100_000}, KEY)
+
+    assert outcome.status == "succeeded"
+    [message] = messages(tmp_path / "var/mail")
+    assert message["Subject"] == ("Grüße " * 400)[:1999] + "…"

@@ -142,7 +142,7 @@ def test_a_transient_reply_is_retryable_then_delivered_once(server, connect, rep
 
     first, second = send(connector), send(connector)
 
-    assert (first.status, first.status_code, first.condition) == ("retryable", int(reply[:3]), "5xx")
+    assert (first.status, first.status_code, first.condition) == ("retryable", int(reply[:3]), "4xx")
     assert reply[4:] in first.error
     assert second.status == "succeeded" and len(server.messages) == 1
 
@@ -234,7 +234,7 @@ def test_a_timeout_is_retryable_and_the_retry_keeps_the_message_id(server, conne
 
 
 def test_a_timeout_while_connecting_is_retryable():
-    def timing_out(config, context):
+    def timing_out(config, context, timeout):
         raise TimeoutError("timed out")
 
     config = SmtpConnector.Config(kind="smtp", host="smtp.example.invalid", sender=SENDER)
@@ -264,6 +264,30 @@ def test_header_injection_fails_and_sends_nothing(server, connect, field, value)
     assert outcome.status == "failed"
     assert outcome.error.startswith(f"{field}:") and "control character" in outcome.error
     assert not server.messages and server.connections == 0
+
+
+@pytest.mark.parametrize("field, value", [
+    ("subject", "=?x-unknown?q?hi?="),                   # an encoded word in a charset Python does not know
+    ("to", "=?x-unknown?q?hi?= <a@example.org>"),
+    ("reply_to", ["=?x-unknown?q?hi?= <a@example.org>"]),
+    ("to", "(" * 3000),                                   # RecursionError in the address parser
+    ("cc", ["(" * 3000 + "a@example.org"]),
+    ("to", "a" * 65 + "@example.org"),                    # over RFC 5321's 64-octet local part
+])
+def test_a_value_email_cannot_carry_fails_the_record_naming_the_field(server, connect, field, value):
+    outcome = send(connect(server), **{field: value})
+
+    assert (outcome.status, outcome.condition) == ("failed", None)
+    assert outcome.error.startswith(f"{field}: ") and len(outcome.error) < 300
+    assert not server.messages and server.connections == 0
+
+
+def test_a_huge_subject_is_sent_cut_with_an_ellipsis(server, connect):
+    outcome = send(connect(server), subject="Grüße " * 100_000)
+
+    assert outcome.status == "succeeded"
+    subject = server.messages[0].message["Subject"]
+    assert subject == ("Grüße " * 400)[:1999] + "…"
 
 
 @pytest.mark.parametrize("field, value", [("to", "not-an-address"), ("cc", "ada@"), ("to", "alice@example.org)<bob@example.org>"), ("to", ["a@example.org, b@example.org"]), ("to", "")])
