@@ -22,6 +22,10 @@ it returns an Outcome whose ``status`` says what the caller does next::
     paused      a credential or TLS problem (401/403, SMTP 535): the connector
                 waits; no attempt is spent and nothing goes dead
 
+``unreachable`` marks a retryable outcome whose connection could not even be
+made (refused, unknown host, connect timeout): the agent then backs off the
+whole connector, one probe at a time, instead of trying every record.
+
 Errors (raised only at construction or for programming mistakes)::
 
     SinkError                base
@@ -35,7 +39,7 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 
 class SinkError(Exception):
@@ -65,6 +69,7 @@ class Outcome:
     status_code: int | None = None  # HTTP status or SMTP reply code, when there was one
     retry_after: float | None = None  # seconds the server asked us to wait
     condition: str | None = None  # what went wrong, for retry `on`: "timeout", "connection", "5xx", "429", ...
+    unreachable: bool = False  # no connection could be made (refused, DNS, connect timeout): nothing reached the sink
 
     @classmethod
     def ok(cls, output: Any = None, status_code: int | None = None) -> "Outcome":
@@ -84,12 +89,32 @@ _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
 def parse_seconds(value: Any) -> Any:
     """'30s' / '5m' / a number of seconds -> float seconds (sinks' own copy: leaf packages do not import each other)."""
     match = _DURATION.fullmatch(value) if isinstance(value, str) else None
-    if isinstance(value, str) and not match:
+    if (isinstance(value, str) and not match) or isinstance(value, bool):  # TOML's true would pass as 1 second
         raise ValueError(f"{value!r} is not a duration; write a number and a unit: '30s', '5m', '1h'")
     return float(match[1]) * _UNITS[match[2]] if match else value
 
 
-Seconds = Annotated[float, BeforeValidator(parse_seconds)]
+def _span(value: float) -> str:
+    """A duration as a config would write it: 0.1 -> '100ms', 3600 -> '1h'."""
+    for unit in ("d", "h", "m", "s"):
+        if value >= _UNITS[unit] and value % _UNITS[unit] == 0:
+            return f"{value / _UNITS[unit]:g}{unit}"
+    return f"{value * 1000:g}ms" if value else "0s"
+
+
+def seconds(low: float, high: float) -> Any:
+    """A duration type bounded to [low, high] seconds; NaN and the infinities are never inside."""
+
+    def within(value: float) -> float:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {_span(low)} and {_span(high)}")
+        return value
+
+    return Annotated[float, BeforeValidator(parse_seconds), AfterValidator(within)]
+
+
+Seconds = seconds(0, 3650 * 86400)  # any duration: never negative, never beyond date arithmetic
+Timeout = seconds(0.1, 3600)  # one exchange with a server: too short fails every call, over an hour is a hang
 
 
 class ConnectorConfig(BaseModel):

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Iterator, Literal, Protocol
 
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 
 class SourceError(Exception):
@@ -56,17 +56,43 @@ class Source(Protocol):
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
+DAY = 86400.0
 
 
 def parse_seconds(value: Any) -> Any:
     """'30s' / '5m' / '1h' / '1d' / a number of seconds -> float seconds."""
     match = _DURATION.fullmatch(value) if isinstance(value, str) else None
-    if isinstance(value, str) and not match:
+    if (isinstance(value, str) and not match) or isinstance(value, bool):  # TOML's true would pass as 1 second
         raise ValueError(f"{value!r} is not a duration; write a number and a unit: '30s', '5m', '1h', '1d'")
     return float(match[1]) * _UNITS[match[2]] if match else value
 
 
-Seconds = Annotated[float, BeforeValidator(parse_seconds)]
+def _span(value: float) -> str:
+    """A duration as a config would write it: 0.1 -> '100ms', 86400 -> '1d'."""
+    for unit in ("d", "h", "m", "s"):
+        if value >= _UNITS[unit] and value % _UNITS[unit] == 0:
+            return f"{value / _UNITS[unit]:g}{unit}"
+    return f"{value * 1000:g}ms" if value else "0s"
+
+
+def seconds(low: float, high: float) -> Any:
+    """A duration type bounded to [low, high] seconds; NaN and the infinities are never inside."""
+
+    def within(value: float) -> float:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {_span(low)} and {_span(high)}")
+        return value
+
+    return Annotated[float, BeforeValidator(parse_seconds), AfterValidator(within)]
+
+
+# Any duration: never negative, and short enough for date arithmetic (a 1e300 s `overlap` overflows a datetime).
+Seconds = seconds(0, 3650 * DAY)
+# How long one exchange with a server may take: too short fails every poll, longer than an hour is a hang.
+Timeout = seconds(0.1, 3600)
+Interval = seconds(1, 30 * DAY)  # between polls: below a second the scheduler spins
+Window = seconds(60, 3650 * DAY)  # how far back a view reaches; seen keys are forgotten after it
+Overlap = seconds(0, 30 * DAY)  # read back from the cursor
 
 
 class SourceConfig(BaseModel):
@@ -82,12 +108,14 @@ class SourceConfig(BaseModel):
     dedupe: Literal["id", "id+updated", "content"] = "id"
     first_run: Literal["skip", "deliver"] = "skip"
     supersede: bool = False
-    every: Seconds = 300.0
+    every: Interval = 300.0
     at: str | None = None
     timezone: str | None = None
-    window: Seconds | None = None
-    overlap: Seconds = 60.0
+    window: Window | None = None
+    overlap: Overlap = 60.0
     max_record_bytes: int = 16 * 1024 * 1024
+    max_page_bytes: int = Field(64 * 1024 * 1024, ge=1)  # of a body as parsed (inflated); a bigger page fails the poll
+    max_records_per_page: int = Field(100_000, ge=1)  # parsed records cost far more memory than their text
 
     @field_validator("at")
     @classmethod
@@ -119,6 +147,14 @@ def parse_json(raw: bytes, what: str, page: int, excerpt: str = "") -> Any:
         raise PageError(f"{what} not JSON ({exc.msg}; line {exc.lineno} column {exc.colno}){': ' + excerpt if excerpt else ''}", page=page) from None
     except (ValueError, RecursionError) as exc:
         raise PageError(f"{what} not usable JSON ({type(exc).__name__}: {str(exc)[:120]})", page=page) from None
+
+
+def counted(records: list[Any], cap: int, where: str, page: int) -> list[Any]:
+    """`records`, or a PageError when there are more than `cap` of them (`where` names the page)."""
+    if len(records) > cap:
+        raise PageError(f"{where}: {len(records):,} records, over max_records_per_page = {cap:,}; "
+                        "raise max_records_per_page if the view's pages are that long, or ask for smaller pages", page=page)
+    return records
 
 
 def dig(body: Any, path: str) -> Any:

@@ -21,19 +21,30 @@ Every value a view sends is data: a next URL that does not parse, a token or
 total of the wrong kind ends the poll with a PageError naming the page and
 at most 40 characters of the value (never its query string or credentials).
 The page that carried it is yielded first: its records were read fine.
+
+A hostile view costs a bounded wait and bounded memory. ``timeout`` is a
+deadline for the whole exchange of one page (connect, headers, body), not for
+each read: a view that drips bytes fails the poll when it passes. The body is
+streamed and inflated as it arrives, and a page over ``max_page_bytes``
+(counted after decompression) or ``max_records_per_page`` fails the poll
+before more memory is spent; nothing of that page is admitted.
 """
 from __future__ import annotations
 
+import queue
 import re
+import threading
+import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Iterator, Literal, Union
+from typing import Annotated, Any, Callable, Iterator, Literal, Union
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 import requests
+import urllib3
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sources.base import Page, PageError, Seconds, SourceConfig, dig, parse_json
+from sources.base import Page, PageError, SourceConfig, Timeout, counted, dig, parse_json
 
 
 @dataclass
@@ -45,6 +56,78 @@ class Response:
     body: Any
     links: dict
     count: int
+
+
+@dataclass
+class _Answer:
+    """One page request's answer, its body read (and inflated) under the cap."""
+
+    status: int
+    reason: str | None
+    location: str | None
+    links: dict
+    content: bytearray
+
+
+_CHUNK = 64 * 1024
+_ERROR_EXCERPT = 4096  # of an error page's body: enough for the excerpt in the message
+
+
+def _length(response: requests.Response) -> int:
+    """The announced Content-Length, or -1 when there is none or it does not parse."""
+    value = response.headers.get("Content-Length", "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else -1
+
+
+class _Worker:
+    """A daemon thread that runs one job at a time while its caller waits with a timeout; it ends when idle a while.
+
+    Not a ThreadPoolExecutor: that joins its threads at exit, and a view that never
+    finishes its headers would then hold up the agent's exit.
+    """
+
+    IDLE_EXIT = 30.0  # seconds without a job before the thread ends (the next job starts another)
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def idle(self) -> bool:
+        """False while a job runs, also one its caller stopped waiting for."""
+        return self._idle.is_set()
+
+    def run(self, job: Callable[[], Any], timeout: float) -> dict[str, Any] | None:
+        """{"answer": ...} or {"error": ...} of `job`, or None when it is not done within `timeout`."""
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+        self._idle.clear()
+        with self._lock:  # the thread ends only under this lock, with no job queued
+            self._jobs.put((job, outcome, done))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="view-requests", daemon=True)
+                self._thread.start()
+        return outcome if done.wait(timeout) else None
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                job, outcome, done = self._jobs.get(timeout=self.IDLE_EXIT)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._thread = None
+                        return
+                continue
+            try:
+                outcome["answer"] = job()
+            except BaseException as error:  # handed to the waiting caller, raised there
+                outcome["error"] = error
+            self._idle.set()
+            done.set()
 
 
 class _Paging(BaseModel):
@@ -236,7 +319,7 @@ class RestSource:
     class Config(SourceConfig):
         kind: Literal["rest"]
         url: str
-        timeout: Seconds = 30.0
+        timeout: Timeout = 30.0
         params: dict[str, str] = {}
         paging: Paging = NoPaging()
 
@@ -253,9 +336,19 @@ class RestSource:
                 raise ValueError(wanted)
             return url
 
+        @model_validator(mode="after")
+        def _pages_fit(self) -> RestSource.Config:
+            """A page size over the record cap would fail every full page."""
+            size = getattr(self.paging, "size", None)
+            if size is not None and size > self.max_records_per_page:
+                raise ValueError(f"paging.size = {size} is over max_records_per_page = {self.max_records_per_page}: every full page would fail; "
+                                 "lower paging.size or raise max_records_per_page")
+            return self
+
     def __init__(self, config: RestSource.Config, *, session: requests.Session):
         self.config = config
         self.session = session
+        self._worker = _Worker()
 
     def pages(self, params: dict[str, str]) -> Iterator[Page]:
         """Yield the view's pages in order, fetching the next only when asked for it."""
@@ -288,27 +381,77 @@ class RestSource:
             previous = signature
 
     def _fetch(self, url: str, params: dict[str, str], number: int) -> Response:
-        """GET one page and parse it; every failure becomes a PageError naming the page."""
+        """GET one page and parse it, all within `timeout`; every failure becomes a PageError naming the page."""
         where = self._where(number, url)
+        answer = self._in_time(lambda stop, deadline: self._exchange(url, params, where, number, stop, deadline), where, number)
+        if 300 <= answer.status < 400:
+            raise self._redirected(where, url, answer.status, answer.location, number)
+        if not 200 <= answer.status < 300:
+            raise PageError(f"{where}: HTTP {answer.status} {answer.reason or ''}: {_excerpt(answer.content)}", page=number, status=answer.status)
+        return Response(number, url, parse_json(answer.content, f"{where}: body is", number, _excerpt(answer.content)), answer.links, 0)
+
+    def _in_time(self, work: Callable[[threading.Event, float], _Answer], where: str, number: int) -> _Answer:
+        """Run `work` on this source's worker and wait for it until the deadline: requests' timeout bounds each read, not the page.
+
+        A server that drips its headers a byte at a time keeps the worker reading; the
+        next page of this view is not asked for until it ends, so at most one waits.
+        """
+        timeout = self.config.timeout
+        if not self._worker.idle:
+            raise PageError(f"{where}: an earlier request to this view is still waiting for its answer (past its {timeout:g}s deadline); "
+                            "not asking again until it ends", page=number)
+        stop, deadline = threading.Event(), time.monotonic() + timeout
+        outcome = self._worker.run(lambda: work(stop, deadline), timeout)
+        if outcome is None:
+            stop.set()
+            raise PageError(f"{where}: no complete answer within {timeout:g}s (timeout)", page=number)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["answer"]
+
+    def _exchange(self, url: str, params: dict[str, str], where: str, number: int, stop: threading.Event, deadline: float) -> _Answer:
+        """One request and its body, streamed under the size cap; every failure a PageError."""
         answers: list[requests.Response] = []  # requests parses a redirect's Location even when not following it
         try:
-            with self.session.get(url, params=params or None, timeout=self.config.timeout, allow_redirects=False,
-                                  hooks={"response": lambda answer, **_: answers.append(answer)}) as response:
-                content, status, links = response.content, response.status_code, response.links
-                reason, location = response.reason, response.headers.get("Location")
+            with self.session.get(url, params=params or None, timeout=max(deadline - time.monotonic(), 0.001), allow_redirects=False,
+                                  stream=True, hooks={"response": lambda answer, **_: answers.append(answer)}) as response:
+                status, links, reason, location = response.status_code, response.links, response.reason, response.headers.get("Location")
+                content = bytearray() if 300 <= status < 400 else self._body(response, where, number, stop, 200 <= status < 300)
         except requests.Timeout:
-            raise PageError(f"{where}: no answer within {self.config.timeout:g}s (timeout)", page=number) from None
+            raise PageError(f"{where}: no complete answer within {self.config.timeout:g}s (timeout)", page=number) from None
         except requests.ConnectionError as exc:
             raise PageError(f"{where}: connection failed: {_reason(exc)}", page=number) from None
         except (requests.RequestException, ValueError) as exc:  # ValueError: a Location or URL from the view that does not parse
             if answers and answers[-1].is_redirect:
                 raise self._redirected(where, url, answers[-1].status_code, answers[-1].headers["Location"], number) from None
             raise PageError(f"{where}: request failed: {_reason(exc)}", page=number) from None
-        if 300 <= status < 400:
-            raise self._redirected(where, url, status, location, number)
-        if not 200 <= status < 300:
-            raise PageError(f"{where}: HTTP {status} {reason or ''}: {_excerpt(content)}", page=number, status=status)
-        return Response(number, url, parse_json(content, f"{where}: body is", number, _excerpt(content)), links, 0)
+        return _Answer(status, reason, location, links, content)
+
+    def _body(self, response: requests.Response, where: str, number: int, stop: threading.Event, wanted: bool) -> bytearray:
+        """The body, inflated as it arrives and refused once over `max_page_bytes`; of an error page only its start."""
+        cap = self.config.max_page_bytes if wanted else _ERROR_EXCERPT
+        if wanted and response.headers.get("Content-Encoding", "identity") == "identity" and _length(response) > cap:
+            raise self._over(where, number)  # announced: refused before a byte of it is read
+        body = bytearray()
+        try:
+            while chunk := response.raw.read1(_CHUNK, decode_content=True):  # read1: what one read brought, at most _CHUNK inflated
+                if stop.is_set():
+                    break  # the caller stopped waiting; closing the response drops the connection
+                body += chunk
+                if len(body) > cap:
+                    if not wanted:
+                        return body[:cap]
+                    raise self._over(where, number)
+        except urllib3.exceptions.ReadTimeoutError:
+            raise PageError(f"{where}: no complete answer within {self.config.timeout:g}s (timeout)", page=number) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # cut short, reset, or an encoding that does not inflate
+            raise PageError(f"{where}: request failed: {_reason(exc)}", page=number) from None
+        return body
+
+    def _over(self, where: str, number: int) -> PageError:
+        """The error for a body over the cap."""
+        return PageError(f"{where}: the body is over max_page_bytes = {self.config.max_page_bytes:,} bytes (counted after decompression); "
+                         "raise max_page_bytes if the view's pages are that big, or ask for smaller pages", page=number)
 
     @staticmethod
     def _redirected(where: str, url: str, status: int, location: str | None, number: int) -> PageError:
@@ -327,7 +470,7 @@ class RestSource:
             raise PageError(f"{self._where(number, url)}: no records at '{path}' (found: {keys}){hint}", page=number) from None
         if not isinstance(records, list):
             raise PageError(f"{self._where(number, url)}: '{path or '(the body)'}' is a {type(records).__name__}, not a list of records", page=number)
-        return records
+        return counted(records, self.config.max_records_per_page, self._where(number, url), number)
 
     def _total(self, response: Response, known: int | None) -> int | None:
         """The record count the body announces at `paging.total`, or what an earlier page said."""

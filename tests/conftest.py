@@ -1,3 +1,4 @@
+import signal
 import sys
 from pathlib import Path
 
@@ -14,3 +15,12 @@ def caplog(caplog):
     handler_id = logger.add(caplog.handler, format="{message}", level=0, filter=lambda record: record["level"].no >= caplog.handler.level, enqueue=False)
     yield caplog
     logger.remove(handler_id)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """Tests that call the CLI in-process install the agent's stop handlers: put the previous ones back."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
