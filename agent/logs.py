@@ -1,33 +1,72 @@
-"""Logging setup: loguru to stderr, text or JSON lines, secrets masked."""
+"""Logging setup: loguru to stderr, text or JSON lines, secrets masked, control characters escaped.
+
+Also the helpers every printer for people uses: ``printable`` (a value on one
+line, nothing a terminal would interpret) and ``terminal_json`` (JSON text
+that stays valid JSON and is just as safe).
+"""
 from __future__ import annotations
 
+import json
+import re
 import sys
+from typing import Callable
 
 from loguru import logger
 
+from agent.secrets import Masker, masked
+
 TEXT = "{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | {message}"
 _LINES: list["Progress"] = []
+# C0, DEL, C1, line and paragraph separators, bidi overrides: what a terminal acts on or that reorders the line
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# the same characters that json.dumps(ensure_ascii=False) leaves raw (it escapes only C0)
+_JSON_RAW = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
-def setup(level: str = "INFO", fmt: str = "text", secrets: list[str] | None = None, sink=None) -> None:
-    """Route loguru to ``sink`` (the current stderr by default); any configured secret that slips into a message is masked."""
+def printable(text: object) -> str:
+    """``text`` on one line with every control character escaped (``\\n``, ``\\x1b``): safe for a terminal and a log line."""
+    return _CONTROL.sub(lambda m: _NAMED.get(m[0]) or (f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}"), str(text))
+
+
+def printable_lines(text: str) -> str:
+    """Several lines, each escaped on its own: the line breaks stay, nothing else a terminal would act on does."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
+def terminal_json(text: str) -> str:
+    """JSON text with the control characters JSON may carry raw written as \\u escapes: the same JSON, safe for a terminal."""
+    return _JSON_RAW.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
+def setup(level: str = "INFO", fmt: str = "text", secrets: list[str] | None = None, sink=None,
+          mask: Callable[[str], str] | None = None) -> None:
+    """Route loguru to ``sink`` (the current stderr by default); every form of a configured secret is masked
+    (``mask``, else a Masker of ``secrets``), and a text line's message is escaped so a value cannot forge a line."""
     sink = sink or sys.stderr
-    hidden = sorted({s for s in secrets or [] if len(s) >= 4}, key=len, reverse=True)
+    mask = mask or Masker(secrets or [])
 
-    def mask(record) -> None:
-        for secret in hidden:
-            if secret in record["message"]:
-                record["message"] = record["message"].replace(secret, "***")
+    def patch(record) -> None:
+        message = mask(record["message"])
+        record["message"] = printable(message) if fmt == "text" else message
 
     def write(message: str) -> None:
         for line in _LINES:
             line.done()  # a log line never lands in the middle of a progress line
-        sink.write(message)
+        # the whole line again: a traceback or a bound value may hold a secret (or, in text, an escape sequence) too
+        sink.write(_masked_json(message, mask) if fmt == "json" else printable_lines(mask(message)))
         sink.flush()
 
     logger.remove()
-    logger.configure(patcher=mask)
+    logger.configure(patcher=patch)
     logger.add(write, level=level, format=TEXT, serialize=(fmt == "json"), backtrace=False, diagnose=False)
+
+
+def _masked_json(line: str, mask: Callable[[str], str]) -> str:
+    """One JSON log line with its secrets masked value by value (so it stays JSON) and terminal-safe."""
+    if mask(line) != line:
+        line = json.dumps(masked(json.loads(line), mask), default=str, ensure_ascii=False) + "\n"
+    return terminal_json(line)
 
 
 class Progress:
@@ -47,7 +86,7 @@ class Progress:
         if not self.enabled or self.clock() - self._last < 0.1:
             return
         self._last = self.clock()
-        self.stream.write("\r\x1b[K" + text[:200])
+        self.stream.write("\r\x1b[K" + printable(text[:200]))
         self.stream.flush()
         self._shown = True
 

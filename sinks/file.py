@@ -11,12 +11,18 @@ One action, ``record > write``, input ``{"body": <any JSON>}``: appends the line
 A key already in the file is skipped (output ``{"duplicate": true}``), across
 restarts too: the keys are read from the file on first use. A torn last line
 left by a crash carries no usable key and is cut off before the next write.
-A file that cannot be written (full disk, bad path) pauses the connector.
+The file is created 0600 and missing folders 0700, whatever the umask (it holds
+personal data). A file that cannot be written (full disk, bad path) pauses the
+connector; so does a symbolic link or anything but a regular file at the path:
+it is never written, read or cut through, and the records wait until the
+operator removes it (a link planted there must not redirect the data).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import threading
 import time
 from datetime import datetime, timezone
@@ -76,7 +82,7 @@ class FileConnector:
                 return self._append(key, line)
             except OSError as exc:
                 self._forget()
-                return Outcome("paused", error=f"{self.path}: cannot write ({exc.strerror or exc}); check the path and free space", condition="io")
+                return Outcome("paused", error=_io_problem(self.path, exc), condition="io")
 
     def close(self) -> None:
         """Close the file; the next run reopens it."""
@@ -109,11 +115,44 @@ class FileConnector:
         return datetime.fromtimestamp(self.clock(), timezone.utc).isoformat()
 
 
+def _io_problem(path: Path, exc: OSError) -> str:
+    """What the operator reads when the file cannot be written."""
+    if exc.errno == errno.ELOOP:
+        return f"{path}: is a symbolic link; the agent writes only to a real file, never through a link (remove the link, or set path to the real file)"
+    return f"{path}: cannot write ({exc.strerror or exc}); check the path and free space"
+
+
+def private_folders(path: Path) -> None:
+    """Create `path` and its missing parents, each 0700 whatever the umask; folders that exist are left as they are."""
+    missing = []
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            continue  # another thread made it meanwhile
+        os.chmod(folder, 0o700)  # the umask may have taken bits away; exactly 0700
+
+
 def open_lines(path: Path) -> tuple[IO[bytes], set[str]]:
-    """Open `path` for appending (creating it and its directories) and return it with the keys it holds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    created = not path.exists()
-    file = open(path, "a+b")
+    """Open `path` for appending (creating it 0600, and its folders 0700) and return it with the keys it holds.
+
+    Never through a symbolic link (ELOOP) and never anything but a regular file."""
+    private_folders(path.parent)
+    created = not os.path.lexists(path)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file; point path at a file")
+        if created:
+            os.fchmod(fd, 0o600)  # the umask may have taken bits away; exactly 0600
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    file = os.fdopen(fd, "a+b")
     try:
         keys = repair(file)
     except BaseException:

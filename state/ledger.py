@@ -160,14 +160,49 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)
 
 
+def _masked(value: Any, mask: Callable[[str], str]) -> Any:
+    """A JSON-like value with every string in it (keys too) passed through ``mask``; iterative, so depth costs no recursion."""
+    root: list = [None]
+    todo = [(value, root, 0)]
+    while todo:
+        item, parent, slot = todo.pop()
+        if isinstance(item, str):
+            parent[slot] = mask(item)
+        elif isinstance(item, dict):
+            parent[slot] = copy = {}
+            for k, v in item.items():
+                key = mask(k) if isinstance(k, str) else k
+                copy[key] = None  # the keys keep their order; values are filled in later
+                todo.append((v, copy, key))
+        elif isinstance(item, (list, tuple)):
+            parent[slot] = copy = [None] * len(item)
+            todo.extend((v, copy, i) for i, v in enumerate(item))
+        else:
+            parent[slot] = item
+    return root[0]
+
+
+def _private_folder(folder: Path) -> None:
+    """Create a missing folder and its missing parents 0700, whatever the umask (mkdir's parents ignore the mode)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(created, 0o700)
+
+
 class Ledger:
     """The SQLite ledger file, held exclusively by this process while open."""
 
     def __init__(self, path: Path | str, *, hold: bool = True, busy_timeout: float = 5.0,
-                 failpoint: Callable[[str], None] = lambda name: None):
+                 failpoint: Callable[[str], None] = lambda name: None, mask: Callable[[str], str] = lambda text: text):
         """Open (creating and migrating) the ledger as its one agent; ``hold=False`` opens an
-        existing ledger beside a running agent (operator commands)."""
+        existing ledger beside a running agent (operator commands). Every text the ledger
+        writes (errors, excerpts, contexts) passes through ``mask`` first: the agent hides secrets with it."""
         self.path = Path(path)
+        self.mask = mask
         self.real = self.path.resolve()  # a symlinked ledger is the same ledger: one lock, one file
         self.failpoint = failpoint  # fault tests crash the process inside transactions through this
         self.hold = hold
@@ -190,7 +225,7 @@ class Ledger:
         """flock a lock file beside the real ledger file (not a planted symlink: O_NOFOLLOW)."""
         lock_path = self.real.with_name(self.real.name + ".lock")
         try:
-            self.real.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private_folder(self.real.parent)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as error:
             raise LedgerUnwritable(f"{self.path}: cannot create the ledger's folder or lock file {lock_path.name}: {error.strerror}") from None
@@ -330,6 +365,15 @@ class Ledger:
                 self.conn.execute("ROLLBACK")
             raise
 
+    def _text(self, text: str | None) -> str | None:
+        """A text as the ledger keeps it: masked."""
+        return None if text is None else self.mask(text)
+
+    def _dump(self, value: Any) -> str:
+        """A JSON value as the ledger keeps it: masked string by string, so it stays valid JSON."""
+        text = _json(value)
+        return text if self.mask(text) == text else _json(_masked(value, self.mask))
+
     def _rows(self, sql: str, params: Iterable = ()) -> list[dict]:
         cursor = self.conn.execute(sql, tuple(params))
         names = [c[0] for c in cursor.description]
@@ -363,7 +407,7 @@ class Ledger:
                 conn.executemany(
                     "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, version_at, version)"
                     " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?, ?)",
-                    [(flow, source, a.key, a.entity, now, _json(a.context), now, now, a.version_at, version) for a in scheduled],
+                    [(flow, source, a.key, a.entity, now, self._dump(a.context), now, now, a.version_at, version) for a in scheduled],
                 )
                 if supersede and scheduled:
                     result.superseded += self._supersede(conn, flow, {a.entity for a in scheduled}, now)
@@ -427,7 +471,7 @@ class Ledger:
             if not updated:
                 conn.execute(
                     "INSERT INTO quarantine (source, hash, reason, page, excerpt, first_seen, last_seen, count) VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
-                    (source, hash, reason, page, excerpt, now, now),
+                    (source, hash, self._text(reason), self._text(page), self._text(excerpt), now, now),
                 )
         return not updated
 
@@ -465,6 +509,7 @@ class Ledger:
     def end_poll(self, poll: int, source: str, now: float, *, pages: int, fetched: int, new: int, primed: int,
                  quarantined: int, error: str | None, cursor: str | None, identity: str | None = None) -> None:
         """Record a poll's outcome; the cursor (and the source's identity) move only when the poll succeeded."""
+        error = self._text(error)
         with self.write() as conn:
             conn.execute(
                 "UPDATE polls SET finished = ?, pages = ?, fetched = ?, new = ?, primed = ?, quarantined = ?, error = ? WHERE id = ?",
@@ -550,7 +595,7 @@ class Ledger:
         if a:
             conn.execute(
                 "INSERT INTO attempts (execution, step, n, started, finished, outcome, status_code, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (ex.id, a["step"], a.get("n", ex.attempts), a["started"], a["finished"], a["outcome"], a.get("status_code"), a.get("error")),
+                (ex.id, a["step"], a.get("n", ex.attempts), a["started"], a["finished"], a["outcome"], a.get("status_code"), self._text(a.get("error"))),
             )
         # `attempts` and `first_attempt` describe the step the execution now stands at
         if a and a["step"] == result.step:
@@ -562,7 +607,7 @@ class Ledger:
         conn.execute(
             "UPDATE executions SET status = ?, step = ?, context = ?, next_at = ?, lease_until = NULL, last_error = ?,"
             " attempts = ?, first_attempt = ?, updated = ? WHERE id = ? AND status = 'running'",
-            (result.status, result.step, _json(result.context), result.next_at, result.error, attempts, first, now, ex.id),
+            (result.status, result.step, self._dump(result.context), result.next_at, self._text(result.error), attempts, first, now, ex.id),
         )
         if result.status in ("retrying", "paused", "failed", "dead"):
             self.failpoint("inside_failure")
@@ -570,7 +615,7 @@ class Ledger:
             conn.execute(
                 "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, single, version)"
                 " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, 1, ?)",
-                (ex.flow, ex.source, ex.key, ex.entity, spawn["step"], now, _json(spawn["context"]), now, now, ex.replay, ex.version),
+                (ex.flow, ex.source, ex.key, ex.entity, spawn["step"], now, self._dump(spawn["context"]), now, now, ex.replay, ex.version),
             )
 
     def wake_paused(self, now: float) -> int:
@@ -600,7 +645,7 @@ class Ledger:
             else:
                 number = conn.execute(
                     "INSERT INTO config_versions (hash, text, sections, flows, first_used, last_used) VALUES (?, ?, ?, ?, ?, ?)",
-                    (hash, text, _json(sections), _json(flows), now, now)).lastrowid
+                    (hash, self._text(text), self._dump(sections), self._dump(flows), now, now)).lastrowid
             conn.execute("UPDATE executions SET version = ? WHERE version IS NULL", (number,))
         return number
 
@@ -698,7 +743,7 @@ class Ledger:
                     "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, version_at, version)"
                     " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?, ?, ?)",
                     (row["flow"], row["source"], row["key"], row["entity"], now,
-                     _json({"record": old.get("record"), "cursor": old.get("cursor")}), now, now, generation, row["version_at"], version),
+                     self._dump({"record": old.get("record"), "cursor": old.get("cursor")}), now, now, generation, row["version_at"], version),
                 )
         return len(rows)
 
@@ -745,3 +790,23 @@ class Ledger:
                     (source, now - window - TOUCH_EVERY),
                 ).rowcount
         return {"executions": executions, "attempts": attempts, "polls": polls, "records": records}
+
+    # -- connectors the agent cannot reach (written by the agent, read by `status`) -----------------------
+    def set_unreachable(self, connector: str, since: float | None, why: str | None = None) -> None:
+        """Record since when a connector cannot be reached and why; ``since=None``: it is reachable again."""
+        name = f"unreachable:{connector}"
+        with self.write() as conn:
+            if since is None:
+                conn.execute("DELETE FROM meta WHERE name = ?", (name,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, _json({"since": since, "why": self._text(why)})))
+
+    def unreachable(self) -> dict[str, tuple[float, str]]:
+        """connector -> (unreachable since, why), as the agent last recorded it."""
+        rows = self.conn.execute("SELECT name, value FROM meta WHERE substr(name, 1, 12) = 'unreachable:'")
+        return {name[12:]: (value["since"], value["why"] or "") for name, value in ((n, json.loads(v)) for n, v in rows)}
+
+    def count_paused(self, reason: str) -> int:
+        """How many paused executions wait for this reason: their last error begins with it."""
+        sql = "SELECT COUNT(*) FROM executions WHERE status = 'paused' AND substr(last_error, 1, length(?)) = ?"
+        return self.conn.execute(sql, (reason, reason)).fetchone()[0]

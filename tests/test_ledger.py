@@ -334,3 +334,14 @@ def test_an_empty_file_is_refused_and_left_alone(tmp_path):
     with pytest.raises(LedgerDamaged, match="holds no ledger"):
         Ledger(path)
     assert path.read_bytes() == b""
+
+
+def test_missing_parent_folders_are_created_private_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        with Ledger(tmp_path / "data" / "var" / "agent.db"):
+            pass
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "data", tmp_path / "data" / "var"):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700

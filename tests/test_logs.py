@@ -42,3 +42,17 @@ def test_progress_only_on_a_terminal_and_cleared_before_a_log_line():
     logs.setup("INFO", "text", sink=tty)
     logger.info("done")
     assert tty.getvalue().startswith("\r\x1b[Kpage 1\r\x1b[K") and "page 2" not in tty.getvalue()
+
+
+def test_a_text_line_cannot_be_forged_nor_drive_the_terminal():
+    out = io.StringIO()
+    logs.setup("INFO", "text", sink=out)
+    logger.warning("record {} failed", "k1\n2026-01-01 00:00:00 | ERROR   | forged\x1b]0;pwned\x07")
+    try:
+        raise ValueError("bad value \x1b[2J\x9b31m")
+    except ValueError:
+        logger.exception("step failed")
+    text = out.getvalue()
+    assert "| WARNING | record k1\\n2026-01-01 00:00:00 | ERROR   | forged\\x1b]0;pwned\\x07 failed\n" in text
+    assert "ValueError: bad value \\x1b[2J\\x9b31m" in text  # a traceback's text too
+    assert not [c for c in text if c != "\n" and (ord(c) < 32 or 0x7f <= ord(c) <= 0x9f)]
