@@ -25,14 +25,39 @@ from loguru import logger
 
 from agent import logs
 from agent.config import Config, ConfigError, load
+from agent.logs import printable, printable_lines, terminal_json
+from agent.secrets import Masker, masked
 from state.base import LedgerError
 from state.ledger import STATUSES, Ledger
 
 OK, FAILED, USAGE, LEDGER = 0, 1, 2, 3
+INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a command ended by Ctrl-C
 
 
 class Usage(Exception):
     """A command-line mistake (exit 2)."""
+
+
+class Printer:
+    """What the CLI shows: every form of a configured secret masked; text values escaped onto one line, JSON terminal-safe."""
+
+    def __init__(self, mask: Masker):
+        self.mask = mask
+
+    def text(self, value: Any) -> str:
+        """A value as shown in a line for people: masked, on one line, nothing a terminal would interpret."""
+        return printable(self.mask("" if value is None else str(value)))
+
+    def json(self, value: Any, **options: Any) -> str:
+        """A value as JSON text: masked string by string (so it stays valid JSON), safe on a terminal."""
+        text = json.dumps(value, **options)
+        if self.mask(text) != text:  # only then walk the value: most output holds no secret
+            text = json.dumps(masked(value, self.mask), **options)
+        return terminal_json(text)
+
+
+def _printer(config: Config) -> Printer:
+    return Printer(Masker.of(config))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,26 +103,34 @@ def config_path(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the agent's own handlers are in place: nothing was started
+        return INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     try:
         config = load(config_path(args))
     except ConfigError as error:
-        print(str(error), file=sys.stderr)
+        print(printable_lines(str(error)), file=sys.stderr)
         return USAGE
-    logs.setup(config.agent.log_level, config.agent.log_format, config.secrets, sink=sys.stderr)  # today's stderr, which a caller may have redirected
+    out = _printer(config)
+    logs.setup(config.agent.log_level, config.agent.log_format, sink=sys.stderr, mask=out.mask)  # today's stderr, which a caller may have redirected
     try:
         return COMMANDS[args.command](config, args)
     except ConfigError as error:
-        print(str(error), file=sys.stderr)
+        print(printable_lines(out.mask(str(error))), file=sys.stderr)
         return USAGE
     except Usage as error:
-        print(f"agent {args.command}: {error}", file=sys.stderr)
+        print(f"agent {args.command}: {out.text(error)}", file=sys.stderr)
         return USAGE
     except LedgerError as error:
-        print(f"agent: {error}", file=sys.stderr)
+        print(f"agent: {out.text(error)}", file=sys.stderr)
         return LEDGER
     except sqlite3.Error as error:  # a read beside a running agent, say: the ledger cannot be used right now
-        print(f"agent: {config.ledger_path}: the ledger cannot be used ({error})", file=sys.stderr)
+        print(f"agent: {out.text(config.ledger_path)}: the ledger cannot be used ({out.text(error)})", file=sys.stderr)
         return LEDGER
     except KeyboardInterrupt:
         return OK
@@ -143,6 +176,7 @@ def _on_stop(stopping: threading.Event) -> None:
 
 
 def _once(agent, polls) -> int:
+    out = _printer(agent.config)
     drained = agent.drain()
     waiting, paused = agent.waiting()
     failed_polls = [p for p in polls if p.error]
@@ -154,16 +188,16 @@ def _once(agent, polls) -> int:
     }
     print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in summary.items()))
     for poll in failed_polls:
-        print(f"  poll {poll.source} failed: {poll.error}")
+        print(f"  poll {out.text(poll.source)} failed: {out.text(poll.error)}")
     for error in drained.errors:
-        print(f"  {error}")
+        print(f"  {out.text(error)}")
     bad = failed_polls or summary["quarantined"] or drained.failed or drained.dead
     return FAILED if bad else OK
 
 
 def _beside(config: Config) -> Ledger:
     """The ledger for an operator command: it works beside a running agent (no lock, no migration)."""
-    return Ledger(config.ledger_path, hold=False)
+    return Ledger(config.ledger_path, hold=False, mask=Masker.of(config))
 
 
 def _when(ts: float | None) -> str:
@@ -171,12 +205,17 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from agent.flows import unreachable_reason  # late, like the agent: read-only commands stay light
+
     now = time.time()
+    out = _printer(config)
     with _beside(config) as ledger:
         known = ledger.sources()
         counts = ledger.counts()
         paused = ledger.pause_reasons()
-    report: dict[str, Any] = {"sources": {}, "flows": {}}
+        down = ledger.unreachable()
+        waiting = {name: ledger.count_paused(unreachable_reason(name)) for name in config.connectors}
+    report: dict[str, Any] = {"sources": {}, "flows": {}, "connectors": {}}
     unhealthy = False
     for name, cfg in config.sources.items():
         row = known.get(name, {})
@@ -194,63 +233,82 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         report["flows"][flow.name] = {s: c.get(s, 0) for s in ("pending", "running", "retrying", "paused", "succeeded", "filtered", "superseded", "failed", "dead")}
         if flow.name in paused:
             report["flows"][flow.name]["paused_because"] = paused[flow.name]
-        unhealthy |= bool(c.get("dead") or c.get("paused"))  # a paused connector needs an operator: say so to health checks
+        unhealthy |= bool(c.get("dead"))
+    # paused for our credentials needs an operator at once; waiting for an unreachable connector only after unreachable_after
+    unhealthy |= sum(c.get("paused", 0) for c in counts.values()) > sum(waiting.values())
+    for name in config.connectors:
+        since, why = down.get(name, (None, None))
+        overdue = since is not None and now - since > config.agent.unreachable_after
+        unhealthy |= overdue
+        report["connectors"][name] = {"reachable": since is None, "unreachable_since": since, "last_error": why,
+                                      "waiting": waiting[name], "unreachable_too_long": overdue}
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(out.json(report, indent=2))
     else:
-        _print_status(report)
+        _print_status(report, out, now)
     return FAILED if unhealthy else OK
 
 
-def _print_status(report: dict) -> None:
+def _print_status(report: dict, out: Printer, now: float) -> None:
     print("sources:")
     for name, s in report["sources"].items():
         state = "STALE" if s["stale"] else ("FAILING" if s["failing"] else "ok")
-        print(f"  {name:<16} {state:<8} last poll {_when(s['last_poll'])}  last good {_when(s['last_success'])}  "
-              f"cursor {s['cursor'] or '-'}  seen {s['seen']}  quarantined {s['quarantined']}")
+        print(f"  {out.text(name):<16} {state:<8} last poll {_when(s['last_poll'])}  last good {_when(s['last_success'])}  "
+              f"cursor {out.text(s['cursor'] or '-')}  seen {s['seen']}  quarantined {s['quarantined']}")
         if s["last_error"]:
-            print(f"  {'':<16} last error: {s['last_error']}")
+            print(f"  {'':<16} last error: {out.text(s['last_error'])}")
     print("flows:")
     for name, c in report["flows"].items():
-        print(f"  {name:<24} " + "  ".join(f"{k} {v}" for k, v in c.items() if k != "paused_because"))
+        print(f"  {out.text(name):<24} " + "  ".join(f"{k} {v}" for k, v in c.items() if k != "paused_because"))
         if "paused_because" in c:
-            print(f"  {'':<24} PAUSED: {c['paused_because']}")
+            print(f"  {'':<24} PAUSED: {out.text(c['paused_because'])}")
+    print("connectors:")
+    for name, c in report["connectors"].items():
+        if c["reachable"]:
+            print(f"  {out.text(name):<16} ok")
+            continue
+        state = "UNREACHABLE" + (" TOO LONG" if c["unreachable_too_long"] else "")
+        print(f"  {out.text(name):<16} {state} since {_when(c['unreachable_since'])} ({now - c['unreachable_since']:.0f}s)  "
+              f"waiting {c['waiting']}  last error: {out.text(c['last_error'])}")
 
 
 def cmd_executions(config: Config, args: argparse.Namespace) -> int:
+    out = _printer(config)
     with _beside(config) as ledger:
         if args.id is not None:
             rows = ledger.executions(ids=[args.id])
             if not rows:
                 raise Usage(f"no execution {args.id}")
             row = {**rows[0], "attempts_made": ledger.attempts_of(args.id)}
-            print(json.dumps(row, indent=2, ensure_ascii=False) if args.json else _describe(row))
+            print(out.json(row, indent=2, ensure_ascii=False) if args.json else _describe(row, out))
             return OK
         if args.status == "quarantined":
             rows = ledger.quarantined()
             if args.json:
-                print(json.dumps(rows, indent=2, ensure_ascii=False))
+                print(out.json(rows, indent=2, ensure_ascii=False))
             for r in [] if args.json else rows:
-                print(f"{r['source']:<12} {_when(r['first_seen'])}  x{r['count']}  {r['page']}: {r['reason']}\n    {r['excerpt'][:160]}")
+                print(f"{out.text(r['source']):<12} {_when(r['first_seen'])}  x{r['count']}  {out.text(r['page'])}: {out.text(r['reason'])}\n"
+                      f"    {out.text(r['excerpt'])[:160]}")
             return OK
         rows = ledger.executions(status=args.status, flow=args.flow, limit=args.limit)
     if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        print(out.json(rows, indent=2, ensure_ascii=False))
         return OK
     print(f"{'id':>6}  {'status':<10} {'flow':<20} {'record':<24} {'step':>4} {'tries':>5}  {'next':<20} last error")
     for r in rows:
-        print(f"{r['id']:>6}  {r['status']:<10} {r['flow'][:20]:<20} {r['key'][:24]:<24} {r['step']:>4} {r['attempts']:>5}  "
-              f"{_when(r['next_at']) if r['status'] in ('retrying', 'paused') else '':<20} {(r['last_error'] or '')[:100]}")
+        print(f"{r['id']:>6}  {r['status']:<10} {out.text(r['flow'])[:20]:<20} {out.text(r['key'])[:24]:<24} {r['step']:>4} {r['attempts']:>5}  "
+              f"{_when(r['next_at']) if r['status'] in ('retrying', 'paused') else '':<20} {out.text(r['last_error'])[:100]}")
     return OK
 
 
-def _describe(row: dict) -> str:
-    lines = [f"execution {row['id']}: {row['status']} (flow {row['flow']}, source {row['source']}, record {row['key']}, step {row['step']})"]
+def _describe(row: dict, out: Printer) -> str:
+    lines = [f"execution {row['id']}: {row['status']} (flow {out.text(row['flow'])}, source {out.text(row['source'])}, "
+             f"record {out.text(row['key'])}, step {row['step']})"]
     if row["last_error"]:
-        lines.append(f"  last error: {row['last_error']}")
+        lines.append(f"  last error: {out.text(row['last_error'])}")
     for a in row["attempts_made"]:
         code = f" [{a['status_code']}]" if a["status_code"] else ""
-        lines.append(f"  step {a['step']} attempt {a['n']} at {_when(a['started'])}: {a['outcome']}{code} {a['error'] or ''}")
+        lines.append(f"  step {a['step']} attempt {a['n']} at {_when(a['started'])}: {out.text(a['outcome'])}{code} {out.text(a['error'])}")
     return "\n".join(lines)
 
 
@@ -284,13 +342,14 @@ def cmd_validate(config: Config, args: argparse.Namespace) -> int:
     from agent.process import build_plugins  # late: constructing plugins checks files such as ca_file
 
     build_plugins(config)
-    print(f"{config.path}: config ok — {len(config.sources)} source(s), {len(config.connectors)} connector(s), {len(config.flows)} flow(s)")
+    out = _printer(config)
+    print(f"{out.text(config.path)}: config ok — {len(config.sources)} source(s), {len(config.connectors)} connector(s), {len(config.flows)} flow(s)")
     if args.offline:
         return OK
     problems = 0
     for where, target, error in reachability(config):
         problems += error is not None
-        print(f"  {where:<28} {target:<40} {'ok' if error is None else 'UNREACHABLE: ' + error}")
+        print(f"  {out.text(where):<28} {out.text(target):<40} {'ok' if error is None else 'UNREACHABLE: ' + out.text(error)}")
     return FAILED if problems else OK
 
 
@@ -361,24 +420,29 @@ def cmd_test(config: Config, args: argparse.Namespace) -> int:
     flow = next((f for f in config.flows if f.name == args.flow), None)
     if flow is None:
         raise Usage(f"unknown flow {args.flow!r} (known: {', '.join(f.name for f in config.flows) or 'none'})")
+    out = _printer(config)
     try:
         loaded = json.loads(args.record.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise Usage(f"--record {args.record}: {error}") from None
-    reports = [dry_run(config, flow, record) for record in (loaded if isinstance(loaded, list) else [loaded])]
-    if args.json:
-        print(json.dumps(reports, indent=2, ensure_ascii=False, default=str))
-    else:
-        print("\n\n".join(report_text(r) for r in reports))
+    except RecursionError:
+        raise Usage(f"--record {args.record}: nested too deeply to read (keep a record under a few hundred levels)") from None
+    try:
+        reports = [dry_run(config, flow, record) for record in (loaded if isinstance(loaded, list) else [loaded])]
+        shown = out.json(reports, indent=2, ensure_ascii=False, default=str) if args.json else "\n\n".join(report_text(r, out) for r in reports)
+    except RecursionError:  # a record just shallow enough to read can still be too deep to template or print
+        raise Usage(f"--record {args.record}: nested too deeply to run through the flow and show (keep a record under a few hundred levels)") from None
+    print(shown)
     return FAILED if any(r["status"] in ("failed", "bad record") for r in reports) else OK
 
 
-def report_text(report: dict) -> str:
-    lines = [f"flow {report['flow']}, record {report['key']}: {report['status']}" + (f" — {report['error']}" if report.get("error") else "")]
+def report_text(report: dict, out: Printer) -> str:
+    lines = [f"flow {out.text(report['flow'])}, record {out.text(report['key'])}: {report['status']}"
+             + (f" — {out.text(report['error'])}" if report.get("error") else "")]
     for step in report["steps"]:
-        shown = json.dumps(step.get("output", step.get("send")), ensure_ascii=False, indent=2, default=str).replace("\n", "\n      ")
+        shown = out.json(step.get("output", step.get("send")), ensure_ascii=False, indent=2, default=str).replace("\n", "\n      ")
         verb = "would send" if "send" in step else "gives"
-        lines.append(f"  step {step['index']} {step['kind']}{' ' + step['action'] if step.get('action') else ''}: {verb} {shown}")
+        lines.append(f"  step {step['index']} {step['kind']}{' ' + out.text(step['action']) if step.get('action') else ''}: {verb} {shown}")
     return "\n".join(lines)
 
 

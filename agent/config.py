@@ -22,9 +22,11 @@ import sinks
 import sources
 from sinks.base import Action
 from agent.templates import TemplateSyntaxProblem, Templates
-from sources.base import Seconds
+from sources.base import DAY, Seconds, seconds
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_USERINFO = re.compile(r"((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)[^\s'\"]*@")  # up to the token's last '@': a password may hold '/' or '@'
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class ConfigError(Exception):
@@ -32,11 +34,18 @@ class ConfigError(Exception):
 
     def __init__(self, file: str, problems: list[tuple[str, str]]):
         self.file = file
-        self.problems = problems
-        super().__init__("\n".join(f"{file}: {path}: {msg}" if path else f"{file}: {msg}" for path, msg in problems))
+        self.problems = [(path, _without_userinfo(msg)) for path, msg in problems]
+        super().__init__("\n".join(f"{file}: {path}: {msg}" if path else f"{file}: {msg}" for path, msg in self.problems))
 
 
-Duration = Annotated[Seconds, Field(ge=0)]
+def _without_userinfo(text: str) -> str:
+    """A message with the user and password of every URL in it replaced by ***: never echo a credential."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+Lease = seconds(1, DAY)  # renewed while a step runs; a zero lease means nothing
+RetryDelay = seconds(0, DAY)
+RetrySpan = seconds(0, 30 * DAY)  # max_interval and window: a month at most
 
 
 class Strict(BaseModel):
@@ -47,9 +56,10 @@ class AgentSection(Strict):
     ledger: Path = Path("var/agent.db")
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
-    retention: Duration = 30 * 86400.0
+    retention: Seconds = 30 * DAY
     concurrency: int = Field(4, ge=1, le=64)
-    lease: Duration = 300.0
+    lease: Lease = 300.0
+    unreachable_after: Seconds = 900.0  # `status` exits 1 once a connector has been unreachable this long
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -80,16 +90,16 @@ class NoAuth(Strict):
 
 Auth = Annotated[Union[BasicAuth, BearerAuth, HeaderAuth, NoAuth], Field(discriminator="kind")]
 
-CONDITIONS = ("timeout", "connection", "5xx")
+CONDITIONS = ("timeout", "connection", "4xx", "5xx")  # "4xx": SMTP temporary replies ("5xx" matches them too, deprecated)
 
 
 class RetryConfig(Strict):
     on: list[Union[int, str]] = ["timeout", "connection", "5xx", "408", "425", "429"]
     attempts: int = Field(8, ge=1)
-    interval: Duration = 30.0
+    interval: RetryDelay = 30.0
     backoff: Literal["fixed", "exponential"] = "exponential"
-    max_interval: Duration = 3600.0
-    window: Duration = 23 * 3600.0
+    max_interval: RetrySpan = 3600.0
+    window: RetrySpan = 23 * 3600.0
     jitter: bool = True
 
     @field_validator("on")
@@ -104,13 +114,18 @@ class RetryConfig(Strict):
         return out
 
 
+StepId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]  # a stable name: the step's idempotency key derives from it
+
+
 class FilterStep(Strict):
     kind: Literal["filter"]
+    id: StepId | None = None
     when: str
 
 
 class MapStep(Strict):
     kind: Literal["map"]
+    id: StepId | None = None
     fields: dict[str, Any]
 
 
@@ -120,6 +135,7 @@ class ActionStep(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     kind: Literal["action"]
+    id: StepId | None = None
     action: str
     body: Any = None
     wait_for_response: bool = True
@@ -176,6 +192,7 @@ class Config:
         self.connectors: dict[str, Any] = {}
         self.auth: dict[str, Any] = {}  # "sources.NAME" / "connectors.NAME" -> Auth model
         self.secrets: list[str] = []
+        self.text = ""  # the file as written (${NAME} references unresolved): what a config version records
         self.templates = Templates()  # compiled once while checking, reused by the running agent
 
     @property
@@ -302,7 +319,8 @@ def load(path: Path | str) -> Config:
     path = Path(path)
     name = str(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(name, [("", "no such file (write one, or pass --config PATH / set AGENT_CONFIG)")]) from None
     except (OSError, UnicodeDecodeError) as error:
@@ -317,6 +335,7 @@ def load(path: Path | str) -> Config:
     if settings is None:
         raise ConfigError(name, problems)
     config = Config(path.resolve(), settings)
+    config.text = text
     _load_plugins(config, "sources", settings.sources, sources.KINDS, sources.source_class, problems)
     _load_plugins(config, "connectors", settings.connectors, sinks.KINDS, sinks.connector_class, problems)
     if not problems:
@@ -341,13 +360,23 @@ def _load_plugins(config: Config, section: str, tables: dict, kinds: dict, resol
             auth_table = table.pop("auth")
             auth = _validate_auth(auth_table, f"{where}.auth", problems)
             if auth is not None:
+                _refuse_control_characters(auth, f"{where}.auth", problems)
                 config.auth[where] = auth
                 config.secrets.extend(s.get_secret_value() for s in auth.__dict__.values() if isinstance(s, SecretStr))
         model = resolve(kind).Config
         validated = _forbid_with_allowed(model, table, where, problems)
         if validated is not None:
+            _refuse_control_characters(validated, where, problems)
             target[name] = validated
             config.secrets.extend(s.get_secret_value() for s in validated.__dict__.values() if isinstance(s, SecretStr))
+
+
+def _refuse_control_characters(model: BaseModel, where: str, problems: list) -> None:
+    """A secret goes into a header or a login as it is: a control character (a CRLF env file's \\r) would break it, or leak escaped."""
+    for name, value in model.__dict__.items():
+        if isinstance(value, SecretStr) and _CONTROL.search(value.get_secret_value()):
+            problems.append((f"{where}.{name}", "contains a control character (a line end from a file saved with CRLF?); "
+                                                "the value is not shown: write the secret on one line, without control characters"))
 
 
 class _AuthHolder(Strict):
@@ -373,6 +402,10 @@ def _check_flows(config: Config, problems: list) -> None:
         names.add(flow.name)
         if flow.source not in config.sources:
             problems.append((f"{where}.source", f"unknown source {flow.source!r} (known: {', '.join(config.sources) or 'none'})"))
+        ids = [step.id for step in flow.steps if step.id is not None]
+        for j, step in enumerate(flow.steps):
+            if step.id is not None and ids.count(step.id) > 1:
+                problems.append((f"{where}.steps[{j}].id", f"{step.id!r} names two steps of flow {flow.name!r}; step ids must be unique in a flow"))
         for j, step in enumerate(flow.steps):
             try:
                 templates.check_step(step)
@@ -400,7 +433,7 @@ def _check_action(config: Config, step: ActionStep, where: str, problems: list) 
     given = set(step.inputs) | ({"body"} if step.body is not None else set())
     allowed = set(model.model_fields)
     for key in sorted(given - allowed):
-        problems.append((f"{where}.{key}", f"unknown key for '{step.action}' (allowed: {', '.join(sorted(allowed | {'kind', 'action', 'wait_for_response', 'proceed_on_failure', 'retry'}))})"))
+        problems.append((f"{where}.{key}", f"unknown key for '{step.action}' (allowed: {', '.join(sorted(allowed | {'kind', 'id', 'action', 'wait_for_response', 'proceed_on_failure', 'retry'}))})"))
     for key, field in model.model_fields.items():
         if field.is_required() and key not in given and key != "body":
             problems.append((f"{where}.{key}", f"'{step.action}' needs this key"))

@@ -4,12 +4,29 @@
 most ONE action step, because every action needs its own committed intent
 (the claim) before it sends anything. Pure steps after a successful action
 are evaluated in the same run, so their output is committed with it.
+
+A connector that cannot be used is held, one probe at a time reaching it,
+the other executions waiting (``paused``) without spending attempts:
+
+- paused: it refused our credentials or TLS; probed every PAUSE_PROBE seconds.
+  The record a connector refused (403) just before it paused is put back with
+  the paused ones once (``take_put_back``): the refusal was the connector's.
+- unreachable: no connection could be made; probed after UNREACHABLE_PROBE
+  seconds, doubling up to PAUSE_PROBE. Its waiting executions' error starts
+  with ``unreachable_reason(connector)``, which is how `status` counts them.
+
+An action's output is kept whole only when a later step of the flow mentions
+``steps``; otherwise at most OUTPUT_EXCERPT characters of it are stored.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import re
 import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from loguru import logger
@@ -22,6 +39,60 @@ from sinks.base import Action, Connector, Outcome
 from state.ledger import Execution, Finish
 
 PAUSE_PROBE = 60.0  # how often a paused connector is tried again
+UNREACHABLE_PROBE = 5.0  # the first wait before an unreachable connector is tried again; it doubles up to PAUSE_PROBE
+OUTPUT_EXCERPT = 4096  # characters of an action's output kept when no later step reads it
+_STEPS = re.compile(r"(?<![\w.])steps\b")  # a template naming `steps` (an attribute `.steps` is something else)
+
+
+def unreachable_reason(connector: str) -> str:
+    """How the error of every execution waiting for an unreachable connector begins."""
+    return f"connector {connector!r} is unreachable"
+
+
+@dataclass
+class Down:
+    """An unreachable connector: since when, why, and when the next probe may reach it."""
+
+    since: float
+    why: str
+    probe_at: float
+    delay: float = UNREACHABLE_PROBE
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def reads_steps(step: Any) -> bool:
+    """Whether any template of a step mentions `steps` (the outputs of earlier steps)."""
+    if isinstance(step, FilterStep):
+        texts = [step.when]
+    elif isinstance(step, MapStep):
+        texts = list(_strings(step.fields))
+    else:
+        texts = list(_strings(step.inputs)) + list(_strings(step.body))
+    return any(_STEPS.search(text) for text in texts)
+
+
+def excerpt_of(output: Any) -> Any:
+    """The output itself when small, else a short excerpt of its JSON that says how long it was."""
+    if output is None or isinstance(output, (bool, int, float)):
+        return output
+    text = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False, default=str)
+    if len(text) <= OUTPUT_EXCERPT:
+        return output
+    return {"excerpt": text[:OUTPUT_EXCERPT], "length": len(text), "cut": "no later step reads this output"}
 
 
 def idempotency_key(flow: str, step: int, source: str, key: str, replay: int = 0) -> str:
@@ -45,12 +116,20 @@ class FlowRunner:
             (flow.name, index): _resolve(config, step)
             for flow in config.flows for index, step in enumerate(flow.steps) if isinstance(step, ActionStep)
         }
+        self.read_later = {  # (flow, step index) -> whether a later step's templates mention `steps`
+            (flow.name, index): any(reads_steps(later) for later in flow.steps[index + 1:])
+            for flow in config.flows for index in range(len(flow.steps))
+        }
         self.connectors = connectors
         self.templates = templates or Templates()
         self.clock = clock
         self.rand = rand
         self.failpoint = failpoint
         self.paused: dict[str, tuple[float, str]] = {}  # connector -> (probe time, why): one probe at a time reaches it
+        self.down: dict[str, Down] = {}  # unreachable connectors: one probe at a time tries them
+        self._refused: dict[str, int] = {}  # connector -> the execution it last refused with 403, since its last success
+        self._put_back: list[int] = []  # executions failed by a refusal that turned out to be the connector's
+        self._put_back_once: set[int] = set()
         self._lock = threading.Lock()
         self._resumed = False  # a paused connector answered again; read only through take_resumed(), under the lock
 
@@ -59,6 +138,24 @@ class FlowRunner:
         with self._lock:  # read and reset as one: a worker's resume between the two would otherwise be lost
             resumed, self._resumed = self._resumed, False
         return resumed
+
+    def take_put_back(self) -> list[int]:
+        """Executions to put back with the paused ones: their 403 came just before their connector paused."""
+        with self._lock:
+            taken, self._put_back = self._put_back, []
+        return taken
+
+    def unreachable(self) -> dict[str, tuple[float, str]]:
+        """connector -> (unreachable since, why) for every connector that cannot be reached now."""
+        with self._lock:
+            return {name: (down.since, down.why) for name, down in self.down.items()}
+
+    def restore_unreachable(self, known: dict[str, tuple[float, str]]) -> None:
+        """Take over what an earlier run knew (since when a connector is unreachable); probe each at once."""
+        with self._lock:
+            for name, (since, why) in known.items():
+                if name in self.connectors:
+                    self.down[name] = Down(since, why, probe_at=self.clock())
 
     def run(self, ex: Execution) -> Finish:
         """Run an execution from its current step up to and including one action."""
@@ -150,7 +247,7 @@ class FlowRunner:
             raise RenderError("invalid input: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False))) from None
         held = self._held(connector_name)
         if held is not None:
-            return Finish("paused", index, context, next_at=held[0], error=f"connector {connector_name!r} is paused: {held[1]}")
+            return Finish("paused", index, context, next_at=held[0], error=held[1])
         key = idempotency_key(ex.flow, index, ex.source, ex.key, ex.replay)
         started = self.clock()
         try:
@@ -160,7 +257,7 @@ class FlowRunner:
             log.opt(exception=error).error("record {} failed: flow {!r} step {}: {}", ex.key, ex.flow, index, bug)
             attempt = self._attempt(ex, index, started, Outcome("failed", error=bug))
             return Finish("failed", index, context, error=f"flow {ex.flow!r} step {index} ({step.action}): {bug}", attempt=attempt)
-        self._note(connector_name, outcome, log)
+        self._note(connector_name, outcome, ex, log)
         if outcome.status == "succeeded":
             self.failpoint("after_send")
         return self._settle(ex, index, step, context, outcome, self._attempt(ex, index, started, outcome), log)
@@ -173,20 +270,37 @@ class FlowRunner:
                 "status_code": outcome.status_code, "error": outcome.error}
 
     def _held(self, connector: str) -> tuple[float, str] | None:
-        """(probe time, why) while a paused connector's probe time has not come."""
+        """(probe time, error) while a held connector's probe time has not come; None lets this call through."""
         with self._lock:
+            now = self.clock()
+            down = self.down.get(connector)
+            if down is not None:
+                if down.probe_at > now:
+                    return down.probe_at, f"{unreachable_reason(connector)} since {_when(down.since)}: {down.why}"
+                down.delay = min(2 * down.delay, PAUSE_PROBE)
+                down.probe_at = now + down.delay  # this call is the probe; the others wait, a little longer each time
+                return None
             held = self.paused.get(connector)
-            if held is None or held[0] > self.clock():
-                return held
-            self.paused[connector] = (self.clock() + PAUSE_PROBE, held[1])  # this call is the probe; others keep waiting
+            if held is None or held[0] > now:
+                return None if held is None else (held[0], f"connector {connector!r} is paused: {held[1]}")
+            self.paused[connector] = (now + PAUSE_PROBE, held[1])  # this call is the probe; others keep waiting
             return None
 
-    def _note(self, connector: str, outcome: Outcome, log) -> None:
-        """Pause a connector on a credential/TLS problem; resume it when a probe gets through."""
+    def _note(self, connector: str, outcome: Outcome, ex: Execution, log) -> None:
+        """Hold a connector that refused our credentials or cannot be reached; release it when a call gets through."""
+        now = self.clock()
         with self._lock:
-            was = connector in self.paused
+            was, was_down = connector in self.paused, connector in self.down
+            if outcome.unreachable and outcome.status == "retryable":
+                if not was_down:
+                    self.down[connector] = Down(now, outcome.error or "unreachable", probe_at=now + UNREACHABLE_PROBE)
+                return  # the connector line is the agent's, once per change; not one per record
+            if was_down:
+                del self.down[connector]  # whatever it answered, it was reached
+                self._resumed = True
+            self._note_refusal(connector, outcome, ex, was)
             if outcome.status == "paused":
-                self.paused[connector] = (self.clock() + PAUSE_PROBE, outcome.error or "paused")
+                self.paused[connector] = (now + PAUSE_PROBE, outcome.error or "paused")
             elif was:
                 del self.paused[connector]
                 self._resumed = True
@@ -195,6 +309,29 @@ class FlowRunner:
                       connector, outcome.error, PAUSE_PROBE)
         elif was and connector not in self.paused:
             log.warning("connector {!r} answers again: resumed", connector)
+
+    def _note_refusal(self, connector: str, outcome: Outcome, ex: Execution, was_paused: bool) -> None:
+        """Remember the last record a connector refused (403); when it then pauses, that record goes back with the others, once."""
+        if outcome.status == "succeeded":
+            self._refused.pop(connector, None)
+        elif outcome.status == "failed" and outcome.status_code == 403:
+            self._refused[connector] = ex.id
+        elif outcome.status == "paused" and outcome.status_code == 403 and not was_paused:
+            refused = self._refused.pop(connector, None)
+            if refused is not None and refused != ex.id and refused not in self._put_back_once:
+                self._put_back.append(refused)
+                self._put_back_once.add(refused)  # once: a record forbidden for itself must still end as failed
+
+    def _wait_for_reach(self, ex: Execution, index: int, connector: str, context: dict, attempt: dict, policy: RetryPolicy,
+                        now: float) -> Finish | None:
+        """Wait, without spending the attempt, for an unreachable connector's next probe; None once past the retry window."""
+        if now - attempt["first"] > policy.window:
+            return None  # an earlier try of this step may have reached the sink: past the window, the policy decides
+        with self._lock:
+            down = self.down.get(connector)
+            probe_at, since, why = (down.probe_at, down.since, down.why) if down else (now + UNREACHABLE_PROBE, now, attempt["error"])
+        return Finish("paused", index, context, next_at=probe_at, attempt=attempt,
+                      error=f"{unreachable_reason(connector)} since {_when(since)}: {why}")
 
     @staticmethod
     def _call(connector: Connector, action: Action, data: dict, key: str) -> Outcome:
@@ -209,12 +346,18 @@ class FlowRunner:
         now = self.clock()
         where = f"flow {ex.flow!r} step {index} ({step.action})"
         if outcome.status == "succeeded":
-            context.setdefault("steps", {})[str(index)] = outcome.output
+            read_later = self.read_later[(ex.flow, index)] and not ex.single
+            context.setdefault("steps", {})[str(index)] = outcome.output if read_later else excerpt_of(outcome.output)
             return attempt
         error = f"{where}: {outcome.error or outcome.status}"
         if outcome.status == "paused":
+            # after the others held meanwhile (their time is the probe's start + PAUSE_PROBE): the next probe is another record
             return Finish("paused", index, context, next_at=now + PAUSE_PROBE, error=error, attempt=attempt)
-        policy = self.targets[(ex.flow, index)][3]
+        connector_name, _, _, policy = self.targets[(ex.flow, index)]
+        if outcome.status == "retryable" and outcome.unreachable and policy.covers(outcome.condition, outcome.status_code):
+            waiting = self._wait_for_reach(ex, index, connector_name, context, attempt, policy, now)
+            if waiting is not None:
+                return waiting
         if outcome.status == "retryable" and policy.covers(outcome.condition, outcome.status_code):
             at = policy.next_time(attempt["n"], attempt["first"], now, outcome.retry_after, self.rand)
             if at is not None:

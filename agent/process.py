@@ -1,11 +1,19 @@
-"""The agent process: composes sources, connectors and the ledger; polls, delivers, runs on schedule."""
+"""The agent process: composes sources, connectors and the ledger; polls, delivers, runs on schedule.
+
+On a stop request the drain claims nothing more and waits for the steps in
+flight, STOP_GRACE seconds at most; a step still stuck then is left as it is
+(`running` in the ledger, as after a crash): the next start recovers it as
+interrupted and sends it again under the same idempotency key. Its worker is
+a daemon thread, so it cannot keep the process from ending.
+"""
 from __future__ import annotations
 
 import inspect
+import queue
 import sqlite3
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,10 +24,11 @@ import sinks
 import sources
 from agent import failpoints
 from agent.config import Config, ConfigError
-from agent.flows import FlowRunner
+from agent.flows import FlowRunner, unreachable_reason
 from agent.http import build_session
 from agent.logs import Progress
 from agent.poller import Poller, PollResult
+from agent.secrets import Masker
 from sinks.base import SinkError
 from sources.base import SourceError
 from state.base import LedgerError
@@ -27,6 +36,8 @@ from state.ledger import WAITING, Execution, Finish, Ledger
 
 
 LEDGER_RETRY = 5.0  # seconds between tries while the ledger cannot be written
+STOP_GRACE = 5.0  # seconds a stop request waits for the steps in flight before leaving them to recovery
+STOP_CHECK = 0.1  # how often a drain waiting for its steps looks for a stop request
 
 
 def build(cls: type, cfg: Any, available: dict[str, Any], where: str, file: str) -> Any:
@@ -55,6 +66,40 @@ def build_plugins(config: Config, *, clock: Callable[[], float] = time.time,
     return built_sources, built_connectors
 
 
+class Workers:
+    """A fixed set of daemon threads running submitted calls.
+
+    Not a ThreadPoolExecutor: that one joins its threads when the interpreter
+    exits, so a call stuck in a socket would keep a stopped agent alive.
+    """
+
+    def __init__(self, size: int, name: str = "deliver"):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Let every idle worker end; a busy one ends after its call (or with the process)."""
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # handed to whoever waits on the future, as an executor does
+                future.set_exception(error)
+
+
 @dataclass
 class DrainResult:
     sent: int = 0
@@ -76,10 +121,13 @@ class Agent:
         self.clock = clock
         self.stopping = stopping or threading.Event()
         self._unsettled = False  # a write failed: some steps may have been sent without their outcome recorded
+        self._workers: Workers | None = None
+        self._stop_by: float | None = None  # monotonic time after which steps still in flight are left to recovery
+        self.abandoned = 0  # steps left in flight by a stop
         templates = config.templates
         self.sources, self.connectors = build_plugins(config, clock=clock, session_factory=session_factory)
         self.failpoint = failpoints.from_env()
-        self.ledger = ledger or Ledger(config.ledger_path, failpoint=self.failpoint)  # after the plugins: a config error touches no ledger
+        self.ledger = ledger or Ledger(config.ledger_path, failpoint=self.failpoint, mask=Masker.of(config))  # after the plugins: a config error touches no ledger
         self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates, failpoint=self.failpoint)
         self.progress = Progress()
         self.poller = Poller(config, self.ledger, self.sources, clock=clock, templates=templates, failpoint=self.failpoint,
@@ -88,14 +136,28 @@ class Agent:
         if recovered:
             logger.warning("{} execution(s) were interrupted by a stop; they are due again now, with the same idempotency keys", recovered)
         self.ledger.wake_paused(clock())  # a restart is often the fix (a new password): probe paused work at once
+        self._recorded = self._restore_unreachable()  # connector -> (since, why), as the ledger has it
 
     def close(self) -> None:
-        for connector in self.connectors.values():
+        if self._workers is not None:
+            self._workers.shutdown()
+        for connector in self.connectors.values() if not self.abandoned else ():  # a stuck call may hold one: the process's end closes it
             try:
                 connector.close()
             except Exception:  # closing is best effort; the ledger must still close
                 logger.exception("closing a connector failed")
         self.ledger.close()
+
+    def _restore_unreachable(self) -> dict[str, tuple[float, str]]:
+        """Connectors the last run could not reach stay unreachable since then (for `status`) until a probe gets through."""
+        known = self.ledger.unreachable()
+        for name in set(known) - set(self.connectors):
+            self.ledger.set_unreachable(name, None)  # no longer configured
+        known = {name: state for name, state in known.items() if name in self.connectors}
+        self.runner.restore_unreachable(known)
+        for name, (since, why) in known.items():
+            logger.warning("connector {!r}: unreachable since {} when the agent last ran ({}); it is probed first", name, _when(since), why)
+        return known
 
     def poll(self, name: str) -> PollResult:
         try:
@@ -107,33 +169,91 @@ class Agent:
         return [self.poll(name) for name in self.config.sources if not self.stopping.is_set()]
 
     def drain(self) -> DrainResult:
-        """Deliver everything due now; in-flight steps finish even when stopping."""
+        """Deliver everything due now; in-flight steps finish even when stopping, within STOP_GRACE."""
         result = DrainResult()
         size = self.config.agent.concurrency
+        workers = self._workers = self._workers or Workers(size)
         in_flight: dict[Future, Execution] = {}
-        with ThreadPoolExecutor(max_workers=size, thread_name_prefix="deliver") as pool:
-            batch: list[tuple[Execution, Finish]] = []
-            while True:
-                free = 0 if self.stopping.is_set() else size - len(in_flight)
-                # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send;
-                # when a paused connector answered again, its waiting work becomes due in the same transaction
-                wake = self.runner.take_resumed()
-                claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease, wake=wake)
-                if claimed:
-                    self.failpoint("after_claim")
-                for ex in claimed:
-                    in_flight[pool.submit(self._run, ex)] = ex
-                if not in_flight:
-                    break
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                batch = [(in_flight.pop(f), f.result()) for f in done]
-                for ex, finish in batch:
-                    self._tally(result, ex, finish)
-                self.progress(f"delivering: {result.sent} sent, {result.failed + result.dead} failed, {len(in_flight)} in flight")
+        batch: list[tuple[Execution, Finish]] = []
+        put_back: set[int] = set()
+        unreachable_before = self.runner.unreachable()
+        while True:
+            free = 0 if self.stopping.is_set() else size - len(in_flight)
+            # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send;
+            # when a paused connector answered again, its waiting work becomes due in the same transaction
+            wake = self.runner.take_resumed()
+            claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease, wake=wake)
+            batch = []
+            self._record_unreachable()
+            if claimed:
+                self.failpoint("after_claim")
+            for ex in claimed:
+                in_flight[workers.submit(self._run, ex)] = ex
+            if self._put_back(put_back, in_flight) and not self.stopping.is_set():
+                continue  # due now: the next round claims them
+            if not in_flight:
+                break
+            done = self._settled(in_flight)
+            if done is None:
+                self.abandoned = len(in_flight)
+                logger.warning("stopping: {} step(s) still running after {:.0f}s are left as they are; the next start sends them again "
+                               "with the same idempotency keys", len(in_flight), STOP_GRACE)
+                break
+            batch = [(in_flight.pop(f), f.result()) for f in done]
+            for ex, finish in batch:
+                self._tally(result, ex, finish)
+            self.progress(f"delivering: {result.sent} sent, {result.failed + result.dead} failed, {len(in_flight)} in flight")
         self.progress.done()
+        self._report_unreachable(unreachable_before)
         if result.sent or result.failed or result.dead:
             logger.info("drain: {} sent, {} failed, {} dead, {} retrying, {} paused", result.sent, result.failed, result.dead, result.retrying, result.paused)
         return result
+
+    def _settled(self, in_flight: dict[Future, Execution]) -> set[Future] | None:
+        """The calls done next; None when a stop came and STOP_GRACE passed with calls still running."""
+        while True:
+            left = STOP_CHECK
+            if self.stopping.is_set():
+                self._stop_by = self._stop_by or time.monotonic() + STOP_GRACE
+                left = min(left, self._stop_by - time.monotonic())
+                if left <= 0:
+                    return None
+            done, _ = wait(in_flight, timeout=left, return_when=FIRST_COMPLETED)
+            if done:
+                return done
+
+    def _put_back(self, put_back: set[int], in_flight: dict[Future, Execution]) -> bool:
+        """Re-queue the executions the runner puts back, once their own outcome is recorded; whether any was."""
+        put_back.update(self.runner.take_put_back())
+        running = {ex.id for ex in in_flight.values()}
+        ready = [ex_id for ex_id in put_back if ex_id not in running]
+        if not ready:
+            return False
+        put_back.difference_update(ready)
+        return bool(self.ledger.requeue(ready, self.clock()))
+
+    def _record_unreachable(self) -> None:
+        """Write each change of a connector's reachability to the ledger, where `status` reads it."""
+        now = self.runner.unreachable()
+        for name in set(now) | set(self._recorded):
+            if now.get(name) != self._recorded.get(name):
+                since, why = now.get(name, (None, None))
+                self.ledger.set_unreachable(name, since, why)
+        self._recorded = now
+
+    def _report_unreachable(self, before: dict[str, tuple[float, str]]) -> None:
+        """One log line per change of a connector's reachability during a drain."""
+        after = self.runner.unreachable()
+        for name in sorted(set(before) | set(after)):
+            if before.get(name) == after.get(name):
+                continue
+            if name in before:
+                logger.warning("connector {!r}: reachable again after {:.0f}s", name, max(0.0, self.clock() - before[name][0]))
+            if name in after:
+                since, why = after[name]
+                waiting = self.ledger.count_paused(unreachable_reason(name))
+                logger.warning("connector {!r}: unreachable since {} ({}), {} waiting; they spend no attempts, one probe at a time tries it",
+                               name, _when(since), why, waiting)
 
     def _run(self, ex: Execution) -> Finish:
         """One execution's run; a bug in a step fails that execution (re-queueable), never the agent."""
@@ -216,3 +336,7 @@ class Agent:
         if due is not None:
             waits.append(due - self.clock())
         return max(0.05, min(waits))
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))

@@ -211,7 +211,7 @@ ERRORS = [
         id="unknown-top-level-key"),
     pytest.param(
         edit('ledger = "var/agent.db"', 'ledger = "var/agent.db"\nlegder = "x.db"'),
-        "agent.legder", "unknown key (a typo?); allowed here: concurrency, lease, ledger, log_format, log_level, retention",
+        "agent.legder", "unknown key (a typo?); allowed here: concurrency, lease, ledger, log_format, log_level, retention, unreachable_after",
         id="unknown-agent-key"),
     pytest.param(
         edit('log_format = "text"', 'log_format = "xml"'),
@@ -240,8 +240,8 @@ ERRORS = [
     pytest.param(
         edit('id = "lastSubmissionID"', 'id = "lastSubmissionID"\nrecrods = "data"'),
         "sources.leads.recrods",
-        "unknown key (a typo?); allowed here: at, dedupe, entity, every, first_run, id, kind, max_record_bytes, overlap, "
-        "paging, params, records, supersede, timeout, timezone, updated, url, window",
+        "unknown key (a typo?); allowed here: at, dedupe, entity, every, first_run, id, kind, max_page_bytes, max_record_bytes, "
+        "max_records_per_page, overlap, paging, params, records, supersede, timeout, timezone, updated, url, window",
         id="typo-in-source"),
     pytest.param(
         edit('source = "leads"', 'source = "laeds"'),
@@ -267,16 +267,16 @@ ERRORS = [
         id="unknown-verb"),
     pytest.param(
         edit('body = "mapped"', 'body = "mapped"\nsubject = "hello"'),
-        "flows[0].steps[2].subject", "unknown key for 'crm > leads > upsert' (allowed: action, body, kind, proceed_on_failure, retry, wait_for_response)",
+        "flows[0].steps[2].subject", "unknown key for 'crm > leads > upsert' (allowed: action, body, id, kind, proceed_on_failure, retry, wait_for_response)",
         id="unknown-action-input"),
     pytest.param(
         edit('body = "mapped"', 'body = "mapped"\nretry = { on = ["timeout", "sometimes"] }'),
         "flows[0].steps[2].retry.on",
-        "['timeout', 'sometimes']: 'sometimes' is not a retry condition; use timeout, connection, 5xx or an HTTP status code such as 429",
+        "['timeout', 'sometimes']: 'sometimes' is not a retry condition; use timeout, connection, 4xx, 5xx or an HTTP status code such as 429",
         id="bad-retry-on-name"),
     pytest.param(
         edit('body = "mapped"', 'body = "mapped"\nretry = { on = [999] }'),
-        "flows[0].steps[2].retry.on", "[999]: 999 is not a retry condition; use timeout, connection, 5xx or an HTTP status code such as 429",
+        "flows[0].steps[2].retry.on", "[999]: 999 is not a retry condition; use timeout, connection, 4xx, 5xx or an HTTP status code such as 429",
         id="bad-retry-on-code"),
     pytest.param(
         edit('"{{ record.Email | lower }}"', '"{{ record.Email | lower }"'),
@@ -359,7 +359,7 @@ source = "leads"
 
 
 @pytest.mark.parametrize("old, new, path, allowed", [
-    ('kind = "filter"', 'kind = "filter"\n  wehn = "true"', "flows[0].steps[0].wehn", "kind, when"),
+    ('kind = "filter"', 'kind = "filter"\n  wehn = "true"', "flows[0].steps[0].wehn", "id, kind, when"),
     ('body = "mapped"', 'body = "mapped"\nretry = { intervall = "5s" }', "flows[0].steps[2].retry.intervall",
      "attempts, backoff, interval, jitter, max_interval, on, window"),
 ], ids=["filter-step", "retry-table"])

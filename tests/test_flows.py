@@ -1,11 +1,12 @@
 """FlowRunner with a real ledger: steps, outcomes, retries, pauses, queued calls, idempotency keys."""
+import json
 import textwrap
 import threading
 
 import pytest
 
 from agent.config import load
-from agent.flows import FlowRunner, idempotency_key
+from agent.flows import OUTPUT_EXCERPT, UNREACHABLE_PROBE, FlowRunner, idempotency_key, reads_steps, unreachable_reason
 from sinks.base import ActionError, Outcome
 from state.ledger import Admission, Ledger
 
@@ -311,3 +312,99 @@ def test_take_resumed_does_not_lose_a_resume_noted_while_it_waits_for_the_lock(t
         runner._resumed = True  # as FlowRunner._note does, under the lock
     reader.join(5)
     assert taken == [True] and runner.take_resumed() is False
+
+
+# --- outputs: kept whole only for a later step that reads them ----------------------------------------
+
+BIG = {"items": ["x" * 100] * 200}  # about 21 KB of JSON
+
+
+@pytest.mark.parametrize("later, whole", [
+    ("", False),
+    ('[[flows.steps]]\nkind = "map"\nfields = { n = "{{ steps[1][\'items\'] | length }}" }\n', True),
+    ('[[flows.steps]]\nkind = "map"\nfields = { n = "{{ record.name }}" }\n', False),
+])
+def test_an_action_output_is_kept_whole_only_when_a_later_step_reads_steps(tmp_path, ledger, later, whole):
+    clock, sink = Clock(), Scripted(Outcome.ok(BIG))
+    runner = FlowRunner(config(tmp_path, ACTION + later), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    drive(ledger, runner, clock)
+    stored = ledger.conn.execute("SELECT context FROM executions").fetchone()[0]
+    output = json.loads(stored)["steps"]["1"]
+    if whole:
+        assert output == BIG and json.loads(stored)["steps"]["2"] == {"n": 200}
+    else:
+        assert output["length"] > OUTPUT_EXCERPT and len(output["excerpt"]) == OUTPUT_EXCERPT and len(stored) < 2 * OUTPUT_EXCERPT
+
+
+@pytest.mark.parametrize("template, reads", [
+    ("{{ steps[0].id }}", True), ("{{ steps | length }}", True), ("{% for s in steps %}{{ s }}{% endfor %}", True),
+    ("{{ record.steps }}", False), ("{{ record.name }}", False), ("steps", True),
+])
+def test_reads_steps_finds_the_name_in_any_template(tmp_path, template, reads):
+    cfg = config(tmp_path, f'[[flows.steps]]\nkind = "map"\nfields = {{ a = {{ b = ["{template}"] }} }}\n')
+    assert reads_steps(cfg.flows[0].steps[0]) is reads
+
+
+# --- a refusal that turns out to be the connector's ---------------------------------------------------------
+
+
+def test_the_record_refused_just_before_a_pause_is_put_back_once(tmp_path, ledger):
+    clock = Clock()
+    refused = Outcome("failed", error="HTTP 403", status_code=403, condition="403")
+    paused = Outcome("paused", error="two records refused in a row: HTTP 403", status_code=403, condition="403")
+    sink = Scripted(refused, paused)
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1}, {"id": 2, "name": "b", "n": 2})
+    drive(ledger, runner, clock)
+    first, second = ledger.executions()
+    assert (first["status"], second["status"]) == ("failed", "paused")
+    assert runner.take_put_back() == [first["id"]] and runner.take_put_back() == []
+
+
+def test_a_refusal_followed_by_a_success_stays_the_records_own(tmp_path, ledger):
+    clock = Clock()
+    sink = Scripted(Outcome("failed", error="HTTP 403", status_code=403, condition="403"), Outcome.ok(),
+                    Outcome("paused", error="HTTP 401", status_code=401))
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, *({"id": i, "name": "a", "n": i} for i in range(3)))
+    drive(ledger, runner, clock)
+    assert [r["status"] for r in ledger.executions()] == ["failed", "succeeded", "paused"]
+    assert runner.take_put_back() == []
+
+
+# --- an unreachable connector ---------------------------------------------------------------------------
+
+
+def test_an_unreachable_connector_is_probed_one_call_at_a_time_and_its_work_spends_no_attempts(tmp_path, ledger):
+    clock = Clock()
+    down = Outcome("retryable", error="connection failed (Connection refused)", condition="connection", unreachable=True)
+    sink = Scripted(down, down)
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, *({"id": i, "name": "a", "n": i} for i in range(5)))
+    drive(ledger, runner, clock)
+    assert len(sink.calls) == 1
+    rows = ledger.executions()
+    assert {r["status"] for r in rows} == {"paused"} and {r["attempts"] for r in rows} == {0}
+    assert all(r["last_error"].startswith(unreachable_reason("out") + " since ") and "refused" in r["last_error"] for r in rows)
+    assert runner.unreachable() == {"out": (NOW, "connection failed (Connection refused)")}
+    clock.t += UNREACHABLE_PROBE
+    drive(ledger, runner, clock)
+    assert len(sink.calls) == 2  # one probe; refused again
+    clock.t += UNREACHABLE_PROBE
+    drive(ledger, runner, clock)
+    assert len(sink.calls) == 2  # the next probe waits twice as long
+    clock.t += UNREACHABLE_PROBE
+    drive(ledger, runner, clock)  # the probe gets through; the others claimed with it go on behind it
+    assert runner.unreachable() == {} and runner.take_resumed() is True  # the agent then wakes whatever still waits
+    assert ledger.counts() == {"f": {"succeeded": 5}} and len(sink.calls) == 2 + 5
+
+
+def test_a_connection_failure_that_reached_the_sink_is_retried_by_policy_as_before(tmp_path, ledger):
+    clock = Clock()
+    sink = Scripted(Outcome("retryable", error="connection reset", condition="connection"))
+    runner = FlowRunner(config(tmp_path, ACTION), {"out": sink}, clock=clock)
+    admit(ledger, {"id": 1, "name": "a", "n": 1})
+    drive(ledger, runner, clock)
+    [row] = ledger.executions()
+    assert (row["status"], row["attempts"], row["next_at"]) == ("retrying", 1, NOW + 10) and runner.unreachable() == {}

@@ -155,8 +155,8 @@ def test_a_dropped_answer_is_retryable_and_the_retry_is_a_replay(crm, sink):
 
 
 def test_a_slow_sink_times_out(sink, session):
-    crm = make(sink.url, session, timeout="20ms")
-    sink.delay = 0.1
+    crm = make(sink.url, session, timeout="100ms")
+    sink.delay = 0.3
     outcome = crm.run(leads("create"), {"body": LEAD}, KEY)
     assert (outcome.status, outcome.condition) == ("retryable", "timeout")
 
@@ -165,8 +165,47 @@ def test_a_refused_connection_is_retryable(session):
     with SinkServer() as gone:
         url = gone.url
     outcome = make(url, session).run(leads("create"), {"body": LEAD}, KEY)
-    assert (outcome.status, outcome.condition) == ("retryable", "connection")
+    assert (outcome.status, outcome.condition, outcome.unreachable) == ("retryable", "connection", True)
     assert "refused" in outcome.error.lower() and "127.0.0.1" not in outcome.error
+
+
+def test_an_answer_dropped_after_the_request_is_not_unreachable(crm, sink):
+    sink.drop_after_accept(1)
+    outcome = crm.run(leads("create"), {"body": LEAD}, KEY)
+    assert (outcome.condition, outcome.unreachable) == ("connection", False)  # the sink was reached: a record problem at most
+
+
+# --- 403: one record forbidden, or the credentials ------------------------------------------------
+
+
+def test_a_403_for_one_record_fails_it_and_others_go_on(crm, sink):
+    sink.fail_when(lambda r: r["json"] == {"email": "no@example.invalid"}, 403)
+    outcomes = [crm.run(leads("create"), {"body": {"email": email}}, f"key-{email}")
+                for email in ("a@example.invalid", "no@example.invalid", "b@example.invalid", "no@example.invalid", "c@example.invalid")]
+    assert [o.status for o in outcomes] == ["succeeded", "failed", "succeeded", "failed", "succeeded"]
+    assert outcomes[1].condition == "403" and "HTTP 403" in outcomes[1].error
+
+
+def test_the_same_record_refused_twice_stays_its_own_problem(crm, sink):
+    sink.fail_when(lambda r: True, 403)
+    first = crm.run(leads("create"), {"body": LEAD}, KEY)
+    again = crm.run(leads("create"), {"body": LEAD}, KEY)
+    assert (first.status, again.status) == ("failed", "failed")
+
+
+def test_two_records_refused_in_a_row_pause_the_connector(crm, sink):
+    sink.fail_when(lambda r: True, 403)
+    first = crm.run(leads("create"), {"body": {"email": "a@example.invalid"}}, "key-a")
+    second = crm.run(leads("create"), {"body": {"email": "b@example.invalid"}}, "key-b")
+    assert (first.status, second.status, second.condition) == ("failed", "paused", "403")
+    assert "two records refused in a row" in second.error and "HTTP 403" in second.error
+
+
+def test_an_upsert_whose_write_is_refused_counts_as_refused_although_its_lookup_succeeded(crm, sink):
+    sink.fail_when(lambda r: r["method"] != "GET", 403)  # a read-only token
+    first = crm.run(leads("upsert"), {"body": {"email": "a@example.invalid"}}, "key-a")
+    second = crm.run(leads("upsert"), {"body": {"email": "b@example.invalid"}}, "key-b")
+    assert (first.status, second.status) == ("failed", "paused")
 
 
 def test_scripted_429_carries_retry_after(crm, sink):
@@ -260,7 +299,7 @@ def test_input_models():
     ({"objects": {}}, "objects"),
     ({"auth": {"kind": "bearer"}}, "auth"),
     ({"timeout": "soon"}, "not a duration"),
-    ({"timeout": "0s"}, "greater than 0"),
+    ({"timeout": "0s"}, "between 100ms and 1h"),
     ({"headers": {"X-Evil": "a\r\nInjected: 1"}}, "control characters"),
     ({"idempotency_header": "Idem Key"}, "not a header name"),
 ])
@@ -279,7 +318,7 @@ def test_config_defaults_and_trailing_slashes():
 
 TABLE = [
     (200, "succeeded", None), (201, "succeeded", None), (204, "succeeded", None),
-    (301, "failed", "301"), (400, "failed", "400"), (401, "paused", "401"), (403, "paused", "403"),
+    (301, "failed", "301"), (400, "failed", "400"), (401, "paused", "401"), (403, "failed", "403"),
     (404, "failed", "404"), (408, "retryable", "408"), (409, "failed", "409"), (422, "failed", "422"),
     (425, "retryable", "425"), (429, "retryable", "429"), (500, "retryable", "5xx"),
     (502, "retryable", "5xx"), (503, "retryable", "5xx"),

@@ -1,7 +1,12 @@
 """The agent process in-process: a ledger that cannot be written is survived, and nothing is lost."""
 import json
 import textwrap
+import threading
+import time
 
+import pytest
+
+from agent import process
 from agent.config import load
 from agent.process import Agent
 
@@ -72,3 +77,45 @@ def test_a_bug_in_a_step_fails_that_execution_not_the_agent(tmp_path, monkeypatc
         assert row["key"] == "1" and "internal error: KeyError" in row["last_error"]
     finally:
         agent.close()
+
+
+def test_a_stop_leaves_a_stuck_step_running_after_the_grace_and_the_next_start_recovers_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(process, "STOP_GRACE", 0.2)
+    agent = make_agent(tmp_path, [{"id": 1}])
+    release = threading.Event()
+    try:
+        agent.poll_all()
+        real = agent.connectors["out"].run
+
+        def stuck(action, data, key):
+            agent.stopping.set()  # the stop request comes while the call hangs
+            release.wait(10)
+            return real(action, data, key)
+
+        monkeypatch.setattr(agent.connectors["out"], "run", stuck)
+        started = time.monotonic()
+        result = agent.drain()
+        assert time.monotonic() - started < 2 and result.sent == 0 and agent.abandoned == 1
+        [row] = agent.ledger.executions()
+        assert row["status"] == "running"  # nothing recorded for it: as after a crash
+    finally:
+        agent.close()
+        release.set()
+    again = Agent(load(tmp_path / "agent.toml"))
+    try:
+        assert again.drain().sent == 1
+        [row] = again.ledger.executions()
+        assert [a["outcome"] for a in again.ledger.attempts_of(row["id"])] == ["interrupted", "succeeded"]
+    finally:
+        again.close()
+
+
+def test_workers_are_daemon_threads_and_hand_back_results_and_errors():
+    workers = process.Workers(2)
+    try:
+        assert all(thread.daemon for thread in workers._threads)
+        assert workers.submit(lambda x: x * 2, 21).result(5) == 42
+        with pytest.raises(ZeroDivisionError):
+            workers.submit(lambda: 1 / 0).result(5)
+    finally:
+        workers.shutdown()

@@ -6,6 +6,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from hostileserver import HostileServer, silent
 from sinkserver import SinkServer
 from test_cli_integration import PASSWORD, agent, write_config
 from viewserver import ViewServer, make_leads
@@ -85,3 +88,62 @@ def test_sighup_during_a_slow_delivery_finishes_the_step_and_exits_0(tmp_path):
     made = json.loads(agent(cfg, "executions", str(row["id"]), "--json").stdout)["attempts_made"]
     assert row["status"] == "succeeded"  # finished, not left running to be sent again on restart
     assert [a["outcome"] for a in made] == ["succeeded"]
+
+
+def stuck_config(folder, url: str):
+    """One record to an http sink; the connector's timeout (a minute) is far longer than the test waits."""
+    (folder / "view.json").write_text(json.dumps({"records": [{"id": 1, "email": "ann@example.invalid"}]}))
+    cfg = folder / "agent.toml"
+    cfg.write_text(f"""
+[agent]
+ledger = "agent.db"
+[sources.leads]
+kind = "file"
+path = "view.json"
+id = "id"
+first_run = "deliver"
+[connectors.crm]
+kind = "http"
+base_url = "{url}"
+timeout = "60s"
+[connectors.crm.objects.leads]
+path = "/leads"
+[[flows]]
+name = "f"
+source = "leads"
+  [[flows.steps]]
+  kind = "action"
+  action = "crm > leads > create"
+  body = {{ email = "{{{{ record.email }}}}" }}
+""")
+    return cfg
+
+
+@pytest.mark.parametrize("command", [["run"], ["run", "--once"]], ids=["run", "run-once"])
+def test_a_stop_with_a_call_stuck_ends_within_the_grace_and_the_next_start_recovers_it(tmp_path, command):
+    with HostileServer(silent(seconds=20)) as stuck:  # never answers while the test waits; ends by itself
+        cfg = stuck_config(tmp_path, stuck.url)
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cfg), *command], cwd=tmp_path, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert wait_for(lambda: len(stuck.requests) == 1)
+            asked = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=20)
+            took = time.monotonic() - asked
+        finally:
+            proc.kill()
+        assert took < 6.5, err  # the grace is 5 s
+        assert proc.returncode == 0 and "Traceback" not in err, err
+        assert "left as they are" in err
+        key = next(line.split(b":", 1)[1].strip().decode() for line in stuck.requests[0].split(b"\r\n") if line.lower().startswith(b"idempotency-key:"))
+    [row] = json.loads(agent(cfg, "executions", "--json").stdout)
+    assert row["status"] == "running"  # not recorded: as after a crash
+    with SinkServer() as sink:  # the sink answers again
+        cfg.write_text(cfg.read_text().replace(stuck.url, sink.url))
+        again = agent(cfg, "run", "--once")
+        assert again.returncode == 0 and "sent: 1" in again.stdout, again.stderr
+        assert "interrupted" in again.stderr
+        assert list(sink.accepted) == [key]  # sent again under the same idempotency key
+    made = json.loads(agent(cfg, "executions", str(row["id"]), "--json").stdout)["attempts_made"]
+    assert [a["outcome"] for a in made] == ["interrupted", "succeeded"]
