@@ -80,6 +80,10 @@ def parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", type=int)
     retry.add_argument("--dead", action="store_true", help="re-queue every dead execution")
     retry.add_argument("--json", action="store_true")
+    fail = sub.add_parser("fail", help="fail waiting (pending, retrying or paused) executions by hand; `retry` brings them back")
+    fail.add_argument("ids", nargs="+", type=int)
+    fail.add_argument("--reason", default="an operator gave up on it", help="kept as the execution's last error")
+    fail.add_argument("--json", action="store_true")
     replay = sub.add_parser("replay", help="send finished executions again on purpose (new idempotency keys)")
     replay.add_argument("--flow", required=True)
     replay.add_argument("--since", help="only executions created at or after this time (ISO 8601, e.g. 2026-11-01T00:00:00Z)")
@@ -325,6 +329,17 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
     return FAILED if missing else OK
 
 
+def cmd_fail(config: Config, args: argparse.Namespace) -> int:
+    with _beside(config) as ledger:
+        found = ledger.fail_by_hand(args.ids, time.time(), f"failed by hand: {args.reason}")
+    missing = sorted(set(args.ids) - set(found))
+    if args.json:
+        print(json.dumps({"failed": found, "left_alone": missing}))
+    else:
+        print(f"failed {len(found)} execution(s)" + (f"; not pending, retrying or paused (left alone): {', '.join(map(str, missing))}" if missing else ""))
+    return FAILED if missing else OK
+
+
 def cmd_actions(config: Config, args: argparse.Namespace) -> int:
     listing = {f"{name} > {action}": model.model_json_schema() for name, cfg in config.connectors.items() for action, model in cfg.actions().items()}
     if args.json:
@@ -455,6 +470,6 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": cmd_run, "poll": cmd_poll, "status": cmd_status, "executions": cmd_executions, "retry": cmd_retry,
+    "run": cmd_run, "poll": cmd_poll, "status": cmd_status, "executions": cmd_executions, "retry": cmd_retry, "fail": cmd_fail,
     "actions": cmd_actions, "validate": cmd_validate, "prune": cmd_prune, "replay": cmd_replay, "test": cmd_test,
 }

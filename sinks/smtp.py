@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import smtplib
+import socket
 import ssl
 import threading
 import time
@@ -91,6 +92,10 @@ class DeadlinePassed(smtplib.SMTPServerDisconnected):
 
 class HostileReply(smtplib.SMTPServerDisconnected):
     """A reply longer than any SMTP server sends; the connection is closed."""
+
+
+class Unreachable(ConnectionError):
+    """No connection could be made (refused, unknown host): nothing reached the server."""
 
 
 class _Bounded:
@@ -261,7 +266,10 @@ class SmtpConnector:
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlinePassed("timed out: the dialogue took longer than timeout")
-        smtp = self._factory(self.config, self._context, left)
+        try:
+            smtp = self._factory(self.config, self._context, left)
+        except (ConnectionRefusedError, socket.gaierror) as exc:
+            raise Unreachable(f"cannot connect ({exc.strerror or exc})") from exc
         smtp.deadline = deadline
         try:
             if self.config.security == "starttls":
@@ -315,6 +323,8 @@ def classify(exc: OSError | ValueError, server: str) -> Outcome:
     """What the caller does next after an SMTP or socket exception (SMTPException is an OSError)."""
     if not isinstance(exc, OSError):  # a ValueError: smtplib could not read a reply (an AUTH challenge that is not base64)
         return Outcome("retryable", error=f"{server}: smtplib cannot read the server's reply ({type(exc).__name__}: {exc})", condition="connection")
+    if isinstance(exc, Unreachable):
+        return Outcome("retryable", error=f"{server}: {exc}", condition="connection", unreachable=True)
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return _refused(exc.recipients)
     if isinstance(exc, smtplib.SMTPResponseException):

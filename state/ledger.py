@@ -706,6 +706,15 @@ class Ledger:
         sql = "SELECT source, hash, reason, page, excerpt, first_seen, last_seen, count FROM quarantine"
         return self._rows(sql + (" WHERE source = ?" if source else "") + " ORDER BY first_seen", (source,) if source else ())
 
+    def fail_by_hand(self, ids: list[int], now: float, why: str) -> list[int]:
+        """Fail waiting executions (pending, retrying, paused) on an operator's word; `retry` can bring them back."""
+        with self.write() as conn:
+            marks = ",".join("?" * len(ids))
+            found = [r[0] for r in conn.execute(f"SELECT id FROM executions WHERE status {_IN_WAITING} AND id IN ({marks})", tuple(ids))]
+            conn.executemany("UPDATE executions SET status = 'failed', next_at = NULL, last_error = ?, updated = ? WHERE id = ?",
+                             [(self._text(why), now, i) for i in found])
+        return found
+
     def requeue(self, ids: list[int] | None, now: float, *, dead: bool = False) -> list[int]:
         """Make failed, dead or paused executions due again with the same idempotency key."""
         with self.write() as conn:

@@ -166,3 +166,47 @@ def test_work_paused_for_credentials_still_makes_status_fail_at_once(tmp_path, c
         capfd.readouterr()
     code, report = status(cfg, capfd)
     assert code == 1 and report["connectors"]["crm"]["reachable"] is True and report["flows"]["f"]["paused"] == 3
+
+
+def test_a_mail_server_that_is_down_is_held_the_same_way(tmp_path, capfd):
+    cfg = write_config(tmp_path, closed_port(), records=20)
+    text = cfg.read_text()
+    head, _, _ = text.partition("[connectors.crm]")
+    cfg.write_text(head + f"""[connectors.mail]
+kind = "smtp"
+host = "127.0.0.1"
+port = {closed_port()}
+security = "none"
+sender = "agent@example.invalid"
+[[flows]]
+name = "f"
+source = "leads"
+  [[flows.steps]]
+  kind = "action"
+  action = "mail > message > send"
+  to = "{{{{ record.email }}}}"
+  subject = "hello"
+  text = "hi"
+""")
+    assert main(["--config", str(cfg), "run", "--once"]) == 0
+    out, err = capfd.readouterr()
+    assert "paused: 20" in out and "failed: 0" in out
+    assert len([line for line in err.splitlines() if "mail" in line]) == 1, err
+    code, report = status(cfg, capfd)
+    assert report["connectors"]["mail"]["reachable"] is False and report["connectors"]["mail"]["waiting"] == 20
+
+
+def test_an_operator_fails_paused_work_by_hand_and_status_is_healthy_again(tmp_path, capfd):
+    with SinkServer() as sink:
+        sink.fail_when(lambda r: True, 401)
+        cfg = write_config(tmp_path, int(sink.url.rsplit(":", 1)[1]), records=2)
+        main(["--config", str(cfg), "run", "--once"])
+        capfd.readouterr()
+    ids = [row["id"] for row in json.loads((main(["--config", str(cfg), "executions", "--json"]), capfd.readouterr().out)[1])]
+    assert main(["--config", str(cfg), "fail", *map(str, ids), "999", "--reason", "the CRM account was closed"]) == 1  # 999: no such work
+    assert "failed 2 execution(s)" in capfd.readouterr().out
+    code, report = status(cfg, capfd)
+    assert report["flows"]["f"]["paused"] == 0 and report["flows"]["f"]["failed"] == 2
+    main(["--config", str(cfg), "executions", "--json"])
+    rows = json.loads(capfd.readouterr().out)
+    assert {row["last_error"] for row in rows} == {"failed by hand: the CRM account was closed"}

@@ -216,6 +216,7 @@ def test_a_server_that_is_down_is_retryable(connect):
     outcome = send(connect(Nowhere))
 
     assert (outcome.status, outcome.condition) == ("retryable", "connection")
+    assert outcome.unreachable  # nothing reached it: the agent holds the connector instead of spending attempts
 
 
 def test_a_timeout_is_retryable_and_the_retry_keeps_the_message_id(server, connect):
