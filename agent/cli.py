@@ -70,8 +70,10 @@ def parser() -> argparse.ArgumentParser:
     poll.add_argument("source")
     status = sub.add_parser("status", help="sources and flows at a glance; exit 1 when a source is stale, or work is dead or paused")
     status.add_argument("--json", action="store_true")
-    ex = sub.add_parser("executions", help="list executions with their last error (or one with its attempts)")
-    ex.add_argument("id", nargs="?", type=int, help="show this execution's attempts")
+    ex = sub.add_parser("executions", help="list executions with their last error (or one with its attempts); "
+                                          "`executions upgrade [ID…]` moves waiting work to the current flow version")
+    ex.add_argument("id", nargs="*", metavar="ID | upgrade [ID…]",
+                    help="show this execution's attempts; or `upgrade` with ids (or --flow, or nothing: all waiting work)")
     ex.add_argument("--status", choices=STATUSES)
     ex.add_argument("--flow")
     ex.add_argument("--limit", type=int, default=200)
@@ -97,6 +99,10 @@ def parser() -> argparse.ArgumentParser:
     actions.add_argument("--json", action="store_true")
     validate = sub.add_parser("validate", help="check the config and that every source and sink can be reached")
     validate.add_argument("--offline", action="store_true", help="check the config only")
+    versions_ = sub.add_parser("config", help="the config versions the agent has run: history, show N, diff N M")
+    versions_.add_argument("action", choices=("history", "show", "diff"))
+    versions_.add_argument("numbers", nargs="*", type=int, metavar="N", help="show: a version (default: the newest); diff: two versions")
+    versions_.add_argument("--json", action="store_true")
     prune = sub.add_parser("prune", help="apply [agent] retention now")
     prune.add_argument("--json", action="store_true")
     return p
@@ -190,6 +196,8 @@ def _once(agent, polls) -> int:
         "filtered": drained.filtered, "sent": drained.sent, "failed": drained.failed + drained.dead,
         "paused": paused, "waiting": waiting,
     }
+    if sum(p.rekeyed for p in polls):  # only after a source's identity changed: seen under the new key, not sent
+        summary["re-keyed"] = sum(p.rekeyed for p in polls)
     print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in summary.items()))
     for poll in failed_polls:
         print(f"  poll {out.text(poll.source)} failed: {out.text(poll.error)}")
@@ -209,17 +217,21 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from agent import versions
     from agent.flows import unreachable_reason  # late, like the agent: read-only commands stay light
 
     now = time.time()
     out = _printer(config)
+    current = versions.of(config).hash
     with _beside(config) as ledger:
         known = ledger.sources()
         counts = ledger.counts()
         paused = ledger.pause_reasons()
         down = ledger.unreachable()
         waiting = {name: ledger.count_paused(unreachable_reason(name)) for name in config.connectors}
-    report: dict[str, Any] = {"sources": {}, "flows": {}, "connectors": {}}
+        recorded = ledger.config_versions()
+    in_use = next((row["number"] for row in recorded if row["hash"] == current), None)
+    report: dict[str, Any] = {"config": {"version": in_use, "versions": len(recorded)}, "sources": {}, "flows": {}, "connectors": {}}
     unhealthy = False
     for name, cfg in config.sources.items():
         row = known.get(name, {})
@@ -254,6 +266,9 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def _print_status(report: dict, out: Printer, now: float) -> None:
+    version = report["config"]["version"]
+    print(f"config: version {version} of {report['config']['versions']}" if version is not None
+          else f"config: edited since the agent last ran ({report['config']['versions']} version(s) recorded; `agent config history`)")
     print("sources:")
     for name, s in report["sources"].items():
         state = "STALE" if s["stale"] else ("FAILING" if s["failing"] else "ok")
@@ -276,14 +291,26 @@ def _print_status(report: dict, out: Printer, now: float) -> None:
               f"waiting {c['waiting']}  last error: {out.text(c['last_error'])}")
 
 
+def _numbers(texts: list[str]) -> list[int]:
+    try:
+        return [int(text) for text in texts]
+    except ValueError:
+        raise Usage(f"execution ids are numbers, not {next(t for t in texts if not t.lstrip('-').isdigit())!r}") from None
+
+
 def cmd_executions(config: Config, args: argparse.Namespace) -> int:
     out = _printer(config)
+    if args.id and args.id[0] == "upgrade":
+        return _upgrade(config, _numbers(args.id[1:]), args, out)
+    if len(args.id) > 1:
+        raise Usage("name one execution to show (or `executions upgrade ID…`)")
+    one = _numbers(args.id)[0] if args.id else None
     with _beside(config) as ledger:
-        if args.id is not None:
-            rows = ledger.executions(ids=[args.id])
+        if one is not None:
+            rows = ledger.executions(ids=[one])
             if not rows:
-                raise Usage(f"no execution {args.id}")
-            row = {**rows[0], "attempts_made": ledger.attempts_of(args.id)}
+                raise Usage(f"no execution {one}")
+            row = {**rows[0], "attempts_made": ledger.attempts_of(one)}
             print(out.json(row, indent=2, ensure_ascii=False) if args.json else _describe(row, out))
             return OK
         if args.status == "quarantined":
@@ -305,9 +332,101 @@ def cmd_executions(config: Config, args: argparse.Namespace) -> int:
     return OK
 
 
+def _upgrade(config: Config, ids: list[int], args: argparse.Namespace, out: Printer) -> int:
+    """Move waiting work to the current flow version, mapping the step it stands at by its id."""
+    from agent import versions
+
+    current = versions.of(config)
+    flows = {flow.name: flow for flow in config.flows}
+    now = time.time()
+    with _beside(config) as ledger:
+        number = ledger.use_config(current.hash, current.text, current.sections, current.flows, now)
+        rows = ledger.waiting_work(ids or None, args.flow)
+        pinned: dict[int, dict] = {}
+        moves, refused, already = [], [], []
+        for row in rows:
+            if row["version"] == number:
+                already.append(row["id"])
+                continue
+            if row["version"] not in pinned:
+                stored = ledger.config_version(row["version"]) if row["version"] is not None else None
+                pinned[row["version"]] = {name: versions.flow_of(d) for name, d in (stored["flows"] if stored else {}).items()}
+            plan = versions.plan_upgrade(row, pinned[row["version"]].get(row["flow"]), flows.get(row["flow"]))
+            if isinstance(plan, str):
+                refused.append({"id": row["id"], "version": row["version"], "why": plan})
+            else:
+                moves.append((row["id"], number, plan[0], plan[1]))
+        moved = ledger.move_to_version(moves, now)
+    missing = sorted(set(ids) - {row["id"] for row in rows})
+    report = {"version": number, "moved": [m[0] for m in moves], "already": already, "refused": refused, "not_waiting": missing}
+    if args.json:
+        print(out.json(report, indent=2))
+    else:
+        print(f"moved {moved} execution(s) to config version {number}" + (f"; {len(already)} already on it" if already else ""))
+        for item in refused:
+            print(f"  execution {item['id']} stays on config version {item['version']}: {out.text(item['why'])}")
+        if missing:
+            print(f"  not waiting (left alone): {', '.join(map(str, missing))}")
+    return FAILED if refused or missing else OK
+
+
+def cmd_config(config: Config, args: argparse.Namespace) -> int:
+    """The config versions the agent has run (secrets masked): history, show N, diff N M."""
+    from agent import versions
+
+    out = _printer(config)
+    current = versions.of(config).hash
+    with _beside(config) as ledger:
+        rows = ledger.config_versions()
+        if args.action == "history":
+            return _history(rows, current, args, out)
+        wanted = {"show": 1, "diff": 2}[args.action]
+        numbers = args.numbers or ([rows[-1]["number"]] if rows and args.action == "show" else [])
+        if len(numbers) != wanted:
+            raise Usage(f"config {args.action} takes {'one version number' if wanted == 1 else 'two version numbers'} (see `agent config history`)")
+        found = [ledger.config_version(n) for n in numbers]
+    for number, row in zip(numbers, found):
+        if row is None:
+            raise Usage(f"no config version {number} (known: {', '.join(str(r['number']) for r in rows) or 'none yet'})")
+    if args.action == "show":
+        print(out.json({"number": found[0]["number"], "hash": found[0]["hash"], "text": found[0]["text"]}, indent=2) if args.json
+              else out.mask(found[0]["text"]), end="" if not args.json else "\n")
+        return OK
+    change = versions.changes(found[0]["sections"], found[1]["sections"])
+    diff = versions.text_diff(found[0]["text"], found[1]["text"], f"version {numbers[0]}", f"version {numbers[1]}")
+    if args.json:
+        print(out.json({"from": numbers[0], "to": numbers[1], "changes": change, "diff": diff}, indent=2))
+    else:
+        print(f"version {numbers[0]} -> {numbers[1]}: {versions.describe(change)}")
+        print(out.mask(diff), end="")
+    return OK
+
+
+def _history(rows: list[dict], current: str, args: argparse.Namespace, out: Printer) -> int:
+    from agent import versions
+
+    listing, before = [], None
+    for row in rows:
+        change = versions.changes(before, row["sections"]) if before is not None else {}
+        listing.append({"number": row["number"], "hash": row["hash"], "first_used": row["first_used"], "last_used": row["last_used"],
+                        "current": row["hash"] == current, "changes": change})
+        before = row["sections"]
+    if args.json:
+        print(out.json(listing, indent=2))
+        return OK
+    print(f"{'':1}{'version':>7}  {'hash':<12}  {'first used':<20}  {'last used':<20}  changes")
+    for item in listing:
+        what = versions.describe(item["changes"]) if item["number"] != listing[0]["number"] else "first version"
+        print(f"{'*' if item['current'] else ' '}{item['number']:>7}  {item['hash'][:12]:<12}  {_when(item['first_used']):<20}  "
+              f"{_when(item['last_used']):<20}  {out.text(what)}")
+    if not any(item["current"] for item in listing):
+        print("  (the config file as it is now has not been run yet: it becomes a version when the agent starts with it)")
+    return OK
+
+
 def _describe(row: dict, out: Printer) -> str:
     lines = [f"execution {row['id']}: {row['status']} (flow {out.text(row['flow'])}, source {out.text(row['source'])}, "
-             f"record {out.text(row['key'])}, step {row['step']})"]
+             f"record {out.text(row['key'])}, step {row['step']}, config version {row.get('version') or '-'})"]
     if row["last_error"]:
         lines.append(f"  last error: {out.text(row['last_error'])}")
     for a in row["attempts_made"]:
@@ -359,6 +478,11 @@ def cmd_validate(config: Config, args: argparse.Namespace) -> int:
     build_plugins(config)
     out = _printer(config)
     print(f"{out.text(config.path)}: config ok — {len(config.sources)} source(s), {len(config.connectors)} connector(s), {len(config.flows)} flow(s)")
+    for flow in config.flows:
+        unnamed = [str(i) for i, step in enumerate(flow.steps) if step.kind == "action" and not step.id]
+        if unnamed:
+            print(f"  warning: flow {out.text(flow.name)}: action step(s) {', '.join(unnamed)} have no `id`: their idempotency keys are tied "
+                  "to their position, and waiting work cannot follow them to a new version of the flow (give each step an id)")
     if args.offline:
         return OK
     problems = 0
@@ -471,5 +595,5 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run, "poll": cmd_poll, "status": cmd_status, "executions": cmd_executions, "retry": cmd_retry, "fail": cmd_fail,
-    "actions": cmd_actions, "validate": cmd_validate, "prune": cmd_prune, "replay": cmd_replay, "test": cmd_test,
+    "config": cmd_config, "actions": cmd_actions, "validate": cmd_validate, "prune": cmd_prune, "replay": cmd_replay, "test": cmd_test,
 }

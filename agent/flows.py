@@ -95,31 +95,43 @@ def excerpt_of(output: Any) -> Any:
     return {"excerpt": text[:OUTPUT_EXCERPT], "length": len(text), "cut": "no later step reads this output"}
 
 
-def idempotency_key(flow: str, step: int, source: str, key: str, replay: int = 0) -> str:
-    """Stable across retries and restarts; a replay on purpose gets a new one."""
+def idempotency_key(flow: str, step: int | str, source: str, key: str, replay: int = 0) -> str:
+    """Stable across retries and restarts; a replay on purpose gets a new one. ``step``: the step's reference."""
     text = "\x1f".join((flow, str(step), source, key) + ((f"replay-{replay}",) if replay else ()))
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
-def _resolve(config: Config, step: ActionStep) -> tuple[str, Action, type, RetryPolicy]:
-    """What an action step calls, with what input model, under which retry policy."""
+def step_reference(step: Any, index: int) -> str:
+    """What a step's idempotency key derives from: its `id`, or without one its position in the flow."""
+    return f"id:{step.id}" if step.id else str(index)
+
+
+def _resolve(config: Config, flow: FlowConfig, version: int | None, index: int, step: ActionStep) -> tuple[str, Action, type, RetryPolicy] | str:
+    """What an action step calls, with what input model, under which retry policy; or why it cannot run any more."""
     connector, action = step.target()
-    return connector, action, config.connectors[connector].actions()[action], RetryPolicy.from_config(step.retry)
+    where = f"flow {flow.name!r} step {index} ({step.action})" + (f" of config version {version}" if version is not None else "")
+    if connector not in config.connectors:
+        return (f"{where}: connector {connector!r} is no longer in the config; put it back, "
+                "or move the work to the current flow with `agent executions upgrade`")
+    offered = config.connectors[connector].actions()
+    if action not in offered:
+        return (f"{where}: {connector} no longer offers '{action}'; put it back, "
+                "or move the work to the current flow with `agent executions upgrade`")
+    return connector, action, offered[action], RetryPolicy.from_config(step.retry)
 
 
 class FlowRunner:
     def __init__(self, config: Config, connectors: dict[str, Connector], *, clock: Callable[[], float],
                  templates: Templates | None = None, rand: Callable[[], float] = random.random,
-                 failpoint: Callable[[str], None] = lambda name: None):
-        self.flows: dict[str, FlowConfig] = {flow.name: flow for flow in config.flows}
-        self.targets = {  # (flow, step index) -> (connector, action, input model, retry policy), resolved once
-            (flow.name, index): _resolve(config, step)
-            for flow in config.flows for index, step in enumerate(flow.steps) if isinstance(step, ActionStep)
-        }
-        self.read_later = {  # (flow, step index) -> whether a later step's templates mention `steps`
-            (flow.name, index): any(reads_steps(later) for later in flow.steps[index + 1:])
-            for flow in config.flows for index in range(len(flow.steps))
-        }
+                 failpoint: Callable[[str], None] = lambda name: None, version: int | None = None):
+        self.config = config
+        self.version = version  # the config version in use; executions pinned to another run that version's flows
+        self.versions: dict[int | None, dict[str, FlowConfig]] = {}
+        self.targets: dict[tuple, Any] = {}  # (version, flow, step index) -> (connector, action, input model, retry policy) | why not
+        self.read_later: dict[tuple, bool] = {}  # (version, flow, step index) -> whether a later step's templates mention `steps`
+        self.add_version(None, {flow.name: flow for flow in config.flows})
+        if version is not None:
+            self.add_version(version, self.versions[None])
         self.connectors = connectors
         self.templates = templates or Templates()
         self.clock = clock
@@ -132,6 +144,18 @@ class FlowRunner:
         self._put_back_once: set[int] = set()
         self._lock = threading.Lock()
         self._resumed = False  # a paused connector answered again; read only through take_resumed(), under the lock
+
+    def add_version(self, version: int | None, flows: dict[str, FlowConfig]) -> None:
+        """Know a config version's flows (resolved against today's connectors); call it before running its work."""
+        self.versions[version] = flows
+        for flow in flows.values():
+            for index, step in enumerate(flow.steps):
+                self.read_later[(version, flow.name, index)] = any(reads_steps(later) for later in flow.steps[index + 1:])
+                if isinstance(step, ActionStep):
+                    self.targets[(version, flow.name, index)] = _resolve(self.config, flow, version, index, step)
+
+    def knows(self, version: int | None) -> bool:
+        return version in self.versions
 
     def take_resumed(self) -> bool:
         """Whether a paused connector answered again since the last call; the agent then wakes the paused work."""
@@ -159,11 +183,13 @@ class FlowRunner:
 
     def run(self, ex: Execution) -> Finish:
         """Run an execution from its current step up to and including one action."""
-        flow = self.flows.get(ex.flow)
+        flows = self.versions.get(ex.version)
+        flow = flows.get(ex.flow) if flows is not None else None
         context = ex.context
         log = logger.bind(flow=ex.flow, source=ex.source, record=ex.key)
         if flow is None:
-            return Finish("failed", ex.step, context, error=f"flow {ex.flow!r} is no longer in the config")
+            where = "the config" if ex.version in (None, self.version) else f"config version {ex.version}"
+            return Finish("failed", ex.step, context, error=f"flow {ex.flow!r} is not in {where}; move the work with `agent executions upgrade` if the flow was renamed")
         index, attempt, spawn = ex.step, None, []
         while index < len(flow.steps):
             step = flow.steps[index]
@@ -234,7 +260,11 @@ class FlowRunner:
         return data
 
     def _action(self, ex: Execution, index: int, step: ActionStep, context: dict, values: dict, spawn: list, log) -> Finish | dict | None:
-        connector_name, action, model, _ = self.targets[(ex.flow, index)]
+        target = self.targets[(ex.version, ex.flow, index)]
+        if isinstance(target, str):  # a pinned step whose connector or action is gone
+            log.error("record {} failed: {}", ex.key, target)
+            return Finish("failed", index, context, error=target)
+        connector_name, action, model, _ = target
         if not step.wait_for_response and not ex.single:
             context.setdefault("steps", {})[str(index)] = {"queued": True}
             spawn.append({"step": index, "context": {**context, "steps": dict(context.get("steps", {}))}})
@@ -248,7 +278,7 @@ class FlowRunner:
         held = self._held(connector_name)
         if held is not None:
             return Finish("paused", index, context, next_at=held[0], error=held[1])
-        key = idempotency_key(ex.flow, index, ex.source, ex.key, ex.replay)
+        key = idempotency_key(ex.flow, step_reference(step, index), ex.source, ex.key, ex.replay)
         started = self.clock()
         try:
             outcome = self._call(self.connectors[connector_name], action, data, key)
@@ -346,14 +376,14 @@ class FlowRunner:
         now = self.clock()
         where = f"flow {ex.flow!r} step {index} ({step.action})"
         if outcome.status == "succeeded":
-            read_later = self.read_later[(ex.flow, index)] and not ex.single
+            read_later = self.read_later[(ex.version, ex.flow, index)] and not ex.single
             context.setdefault("steps", {})[str(index)] = outcome.output if read_later else excerpt_of(outcome.output)
             return attempt
         error = f"{where}: {outcome.error or outcome.status}"
         if outcome.status == "paused":
             # after the others held meanwhile (their time is the probe's start + PAUSE_PROBE): the next probe is another record
             return Finish("paused", index, context, next_at=now + PAUSE_PROBE, error=error, attempt=attempt)
-        connector_name, _, _, policy = self.targets[(ex.flow, index)]
+        connector_name, _, _, policy = self.targets[(ex.version, ex.flow, index)]
         if outcome.status == "retryable" and outcome.unreachable and policy.covers(outcome.condition, outcome.status_code):
             waiting = self._wait_for_reach(ex, index, connector_name, context, attempt, policy, now)
             if waiting is not None:

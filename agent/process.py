@@ -19,10 +19,11 @@ from typing import Any, Callable
 
 import schedule
 from loguru import logger
+from pydantic import ValidationError
 
 import sinks
 import sources
-from agent import failpoints
+from agent import failpoints, versions
 from agent.config import Config, ConfigError
 from agent.flows import FlowRunner, unreachable_reason
 from agent.http import build_session
@@ -128,10 +129,13 @@ class Agent:
         self.sources, self.connectors = build_plugins(config, clock=clock, session_factory=session_factory)
         self.failpoint = failpoints.from_env()
         self.ledger = ledger or Ledger(config.ledger_path, failpoint=self.failpoint, mask=Masker.of(config))  # after the plugins: a config error touches no ledger
-        self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates, failpoint=self.failpoint)
+        version = versions.of(config)
+        self.version = self.ledger.use_config(version.hash, version.text, version.sections, version.flows, clock())
+        self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates, failpoint=self.failpoint, version=self.version)
         self.progress = Progress()
         self.poller = Poller(config, self.ledger, self.sources, clock=clock, templates=templates, failpoint=self.failpoint,
                              progress=self.progress)
+        self.poller.version = self.version
         recovered = self.ledger.recover(clock())
         if recovered:
             logger.warning("{} execution(s) were interrupted by a stop; they are due again now, with the same idempotency keys", recovered)
@@ -177,6 +181,30 @@ class Agent:
         batch: list[tuple[Execution, Finish]] = []
         put_back: set[int] = set()
         unreachable_before = self.runner.unreachable()
+        try:
+            self._deliver(result, workers, size, in_flight, batch, put_back)
+        except BaseException:
+            self._let_finish(in_flight)  # a step must never run twice at once: its recovery waits until it ended
+            raise
+        self.progress.done()
+        self._report_unreachable(unreachable_before)
+        if result.sent or result.failed or result.dead:
+            logger.info("drain: {} sent, {} failed, {} dead, {} retrying, {} paused", result.sent, result.failed, result.dead, result.retrying, result.paused)
+        return result
+
+    def _let_finish(self, in_flight: dict[Future, Execution]) -> None:
+        """Wait for the steps in flight when a drain fails (a stop still bounds the wait)."""
+        while in_flight:
+            done = self._settled(in_flight)
+            if done is None:
+                self.abandoned = len(in_flight)
+                return
+            for future in done:
+                in_flight.pop(future)
+
+    def _deliver(self, result: DrainResult, workers: Workers, size: int, in_flight: dict[Future, Execution],
+                 batch: list[tuple[Execution, Finish]], put_back: set[int]) -> None:
+        """The drain's loop: record outcomes and claim more in one transaction, until nothing is due or a stop."""
         while True:
             free = 0 if self.stopping.is_set() else size - len(in_flight)
             # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send;
@@ -188,6 +216,7 @@ class Agent:
             if claimed:
                 self.failpoint("after_claim")
             for ex in claimed:
+                self._know_version(ex.version)
                 in_flight[workers.submit(self._run, ex)] = ex
             if self._put_back(put_back, in_flight) and not self.stopping.is_set():
                 continue  # due now: the next round claims them
@@ -203,11 +232,19 @@ class Agent:
             for ex, finish in batch:
                 self._tally(result, ex, finish)
             self.progress(f"delivering: {result.sent} sent, {result.failed + result.dead} failed, {len(in_flight)} in flight")
-        self.progress.done()
-        self._report_unreachable(unreachable_before)
-        if result.sent or result.failed or result.dead:
-            logger.info("drain: {} sent, {} failed, {} dead, {} retrying, {} paused", result.sent, result.failed, result.dead, result.retrying, result.paused)
-        return result
+
+    def _know_version(self, number: int | None) -> None:
+        """Give the runner the flows of the config version an execution is pinned to (read here, in the loop's thread)."""
+        if self.runner.knows(number):
+            return
+        row = self.ledger.config_version(number)
+        flows = {}
+        for name, definition in (row["flows"] if row else {}).items():
+            try:
+                flows[name] = versions.flow_of(definition)
+            except ValidationError:  # written by an older agent in a shape this one no longer reads: that work fails, named
+                logger.error("config version {}: flow {!r} cannot be read back; its waiting work fails", number, name)
+        self.runner.add_version(number, flows)
 
     def _settled(self, in_flight: dict[Future, Execution]) -> set[Future] | None:
         """The calls done next; None when a stop came and STOP_GRACE passed with calls still running."""

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import Config, FlowConfig
+from agent.secrets import SHORTEST, Masker, masked
 
-MASK = "***"
 LEFT_OUT = "# (a line holding a secret was left out of this version)"
 SECTIONS = ("agent", "sources", "connectors", "flows")
 
@@ -45,17 +45,10 @@ def mask_text(text: str, secrets: list[str]) -> str:
             if secret not in line and escaped not in line:
                 continue
             for form in (f'"{secret}"', f"'{secret}'", f'"{escaped}"', f"'''{secret}'''"):
-                line = line.replace(form, f'"{MASK}"')
-            lines[i] = LEFT_OUT if secret in line or escaped in line else line
+                line = line.replace(form, '"***"')
+            unmasked = len(secret) >= SHORTEST and (secret in line or escaped in line)  # a short one may be ordinary text
+            lines[i] = LEFT_OUT if unmasked else line
     return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
-
-
-def _masked(value: Any, secrets: list[str]) -> Any:
-    """A JSON-able value with every secret string inside replaced by ``***``."""
-    text = json.dumps(value, ensure_ascii=False)
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(json.dumps(secret, ensure_ascii=False)[1:-1], MASK)
-    return json.loads(text)
 
 
 def of(config: Config) -> Version:
@@ -68,7 +61,8 @@ def of(config: Config) -> Version:
     sections: dict[str, dict[str, str]] = {"agent": {"agent": _digest(content.get("agent", {}))}}
     for name in ("sources", "connectors"):
         sections[name] = {key: _digest(table) for key, table in (content.get(name) or {}).items()} if isinstance(content.get(name), dict) else {}
-    flows = {flow.name: _masked(flow.model_dump(mode="json"), config.secrets) for flow in config.flows}
+    mask = Masker.of(config)
+    flows = {flow.name: masked(flow.model_dump(mode="json"), mask) for flow in config.flows}
     sections["flows"] = {name: _digest(definition) for name, definition in flows.items()}
     return Version(_digest(content), text, sections, flows)
 
@@ -103,3 +97,33 @@ def describe(change: dict[str, dict[str, list[str]]]) -> str:
 def text_diff(before: str, after: str, a: str, b: str) -> str:
     """A unified diff of two versions' masked texts."""
     return "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), fromfile=a, tofile=b))
+
+
+def plan_upgrade(row: dict, old: FlowConfig | None, new: FlowConfig | None) -> tuple[int, dict] | str:
+    """Where a waiting execution stands in the current flow (step, context), or why it cannot move there.
+
+    A step is matched by its `id`, so its idempotency key stays the same; an
+    execution that has run nothing yet starts the current flow from the top."""
+    if new is None:
+        return f"flow {row['flow']!r} is not in the current config"
+    context = json.loads(row["context"]) if isinstance(row["context"], str) else dict(row["context"])
+    done = context.get("steps") or {}
+    if row["step"] == 0 and row["attempts"] == 0 and not done and not row.get("single"):
+        return 0, context
+    if old is None:
+        return f"its flow definition (config version {row['version']}) is not in the ledger"
+    if row["step"] >= len(old.steps):
+        return f"it stands past the last step of config version {row['version']}"
+    step = old.steps[row["step"]]
+    if not step.id:
+        return (f"it stands at step {row['step']} ({step.kind}), which has no id in config version {row['version']}: "
+                "it can only finish on that version (its key is tied to the step's position)")
+    ids = {s.id: i for i, s in enumerate(new.steps) if s.id}
+    if step.id not in ids:
+        return f"step id {step.id!r} is not in the current flow {new.name!r}"
+    moved = {}
+    for index, output in done.items():  # earlier outputs follow their steps by id; those without one are left behind
+        earlier = old.steps[int(index)] if int(index) < len(old.steps) else None
+        if earlier is not None and earlier.id in ids:
+            moved[str(ids[earlier.id])] = output
+    return ids[step.id], {**context, "steps": moved}

@@ -61,7 +61,7 @@ def ledger_rows(cfg: Path, status: str | None = None) -> list[dict]:
         return ledger.executions(status=status)
 
 
-def message_id(key: str, flow: str = FLOW, step: int = 0) -> str:
+def message_id(key: str, flow: str = FLOW, step: int | str = 0) -> str:
     """The Message-ID the agent must give the email of record ``key``: the step's idempotency key at the sender's domain."""
     return f"<{idempotency_key(flow, step, 'leads', key)}@example.invalid>"
 
@@ -187,10 +187,10 @@ def test_the_repo_config_writes_one_readable_email_per_lead_and_none_the_second_
         raw = path.read_bytes()
         assert raw.isascii()  # 7bit: non-ASCII travels encoded
         by_id[parse(raw)["Message-ID"]] = parse(raw)
-    # the mail step is step 3 of flow "new-leads" (filter, map, outbox, mail)
-    assert set(by_id) == {message_id(r["lastSubmissionID"], flow="new-leads", step=3) for r in leads}
+    # the mail step of flow "new-leads" has id "mail-sales": its key derives from that
+    assert set(by_id) == {message_id(r["lastSubmissionID"], flow="new-leads", step="id:mail-sales") for r in leads}
     for lead in leads:
-        message = by_id[message_id(lead["lastSubmissionID"], flow="new-leads", step=3)]
+        message = by_id[message_id(lead["lastSubmissionID"], flow="new-leads", step="id:mail-sales")]
         assert message["Subject"] == f"New lead: {lead['FirstName']} {lead['LastName']} ({lead['Company']})"
         assert message["To"] == "Sales Team <sales@example.invalid>"
         assert message["Reply-To"] == lead["Email"]
@@ -198,7 +198,7 @@ def test_the_repo_config_writes_one_readable_email_per_lead_and_none_the_second_
         text = message.get_body(("plain",)).get_content()
         assert f"Name:      {lead['FirstName']} {lead['LastName']}" in text and f"Company:   {lead['Company']}" in text
     rios = next(r for r in leads if r["Company"] == "Ríos & Hijos")
-    html = by_id[message_id(rios["lastSubmissionID"], flow="new-leads", step=3)].get_body(("html",)).get_content()
+    html = by_id[message_id(rios["lastSubmissionID"], flow="new-leads", step="id:mail-sales")].get_body(("html",)).get_content()
     assert "<td>Ríos &amp; Hijos</td>" in html  # record data is escaped in html, verbatim in text
 
     second = agent(tmp_path / "agent.toml", "run", "--once")
