@@ -50,13 +50,13 @@ def build(cls: type, cfg: Any, available: dict[str, Any], where: str, file: str)
         raise ConfigError(file, [(where, str(error))]) from None
 
 
-def build_plugins(config: Config, *, clock: Callable[[], float] = time.time,
-                  session_factory: Callable[..., Any] = build_session) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Construct every configured source and connector with its session, clock and folder."""
+def build_plugins(config: Config, *, clock: Callable[[], float] = time.time, session_factory: Callable[..., Any] = build_session,
+                  stopping: threading.Event | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Construct every configured source and connector with its session, clock, folder and the agent's stop request."""
     file, pool = str(config.path), config.agent.concurrency
     built_sources = {
         name: build(sources.source_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"sources.{name}")),
-                                                          "base_dir": config.base_dir}, f"sources.{name}", file)
+                                                          "base_dir": config.base_dir, "stopping": stopping}, f"sources.{name}", file)
         for name, cfg in config.sources.items()
     }
     built_connectors = {
@@ -126,7 +126,7 @@ class Agent:
         self._stop_by: float | None = None  # monotonic time after which steps still in flight are left to recovery
         self.abandoned = 0  # steps left in flight by a stop
         templates = config.templates
-        self.sources, self.connectors = build_plugins(config, clock=clock, session_factory=session_factory)
+        self.sources, self.connectors = build_plugins(config, clock=clock, session_factory=session_factory, stopping=self.stopping)
         self.failpoint = failpoints.from_env()
         self.ledger = ledger or Ledger(config.ledger_path, failpoint=self.failpoint, mask=Masker.of(config))  # after the plugins: a config error touches no ledger
         version = versions.of(config)

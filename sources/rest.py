@@ -100,8 +100,8 @@ class _Worker:
         """False while a job runs, also one its caller stopped waiting for."""
         return self._idle.is_set()
 
-    def run(self, job: Callable[[], Any], timeout: float) -> dict[str, Any] | None:
-        """{"answer": ...} or {"error": ...} of `job`, or None when it is not done within `timeout`."""
+    def run(self, job: Callable[[], Any], timeout: float, interrupt: threading.Event | None = None) -> dict[str, Any] | None:
+        """{"answer": ...} or {"error": ...} of `job`, or None when it is not done within `timeout` (or `interrupt` is set)."""
         outcome: dict[str, Any] = {}
         done = threading.Event()
         self._idle.clear()
@@ -110,7 +110,11 @@ class _Worker:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="view-requests", daemon=True)
                 self._thread.start()
-        return outcome if done.wait(timeout) else None
+        end = time.monotonic() + timeout
+        while not done.wait(min(0.1, max(end - time.monotonic(), 0.0))):
+            if time.monotonic() >= end or (interrupt is not None and interrupt.is_set()):
+                return None
+        return outcome
 
     def _loop(self) -> None:
         while True:
@@ -345,9 +349,10 @@ class RestSource:
                                  "lower paging.size or raise max_records_per_page")
             return self
 
-    def __init__(self, config: RestSource.Config, *, session: requests.Session):
+    def __init__(self, config: RestSource.Config, *, session: requests.Session, stopping: threading.Event | None = None):
         self.config = config
         self.session = session
+        self.stopping = stopping  # the agent's stop request: a page being read is given up at once
         self._worker = _Worker()
 
     def pages(self, params: dict[str, str]) -> Iterator[Page]:
@@ -401,9 +406,11 @@ class RestSource:
             raise PageError(f"{where}: an earlier request to this view is still waiting for its answer (past its {timeout:g}s deadline); "
                             "not asking again until it ends", page=number)
         stop, deadline = threading.Event(), time.monotonic() + timeout
-        outcome = self._worker.run(lambda: work(stop, deadline), timeout)
+        outcome = self._worker.run(lambda: work(stop, deadline), timeout, self.stopping)
         if outcome is None:
             stop.set()
+            if self.stopping is not None and self.stopping.is_set():
+                raise PageError(f"{where}: not read, the agent is stopping", page=number)
             raise PageError(f"{where}: no complete answer within {timeout:g}s (timeout)", page=number)
         if "error" in outcome:
             raise outcome["error"]

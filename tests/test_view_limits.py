@@ -321,3 +321,47 @@ def test_the_request_worker_ends_when_idle_and_a_new_one_takes_the_next_request(
     assert worker.run(lambda: 3, 5) == {"answer": 3}
     assert worker._thread is not first and worker.idle
     assert "error" in worker.run(lambda: 1 / 0, 5)
+
+
+def test_agent_run_stops_on_sigterm_within_seconds_while_a_view_drips(tmp_path):
+    """The issue's measure: a view that drips bytes, a 30 s timeout, and SIGTERM ends `agent run` within 5 s, exit 0."""
+    import os
+    import subprocess
+
+    from hostileserver import HostileServer, drip_headers
+
+    with HostileServer(drip_headers(seconds=10)) as view:
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(f"""
+[sources.leads]
+kind = "rest"
+url = "{view.url}/view"
+id = "id"
+timeout = "30s"
+[connectors.out]
+kind = "file"
+path = "out.jsonl"
+[[flows]]
+name = "f"
+source = "leads"
+  [[flows.steps]]
+  kind = "action"
+  action = "out > record > write"
+""")
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(cfg), "run"], cwd=tmp_path, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+        try:
+            deadline = time.monotonic() + 20
+            while not view.requests and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert view.requests, "the agent never asked the view"
+            time.sleep(0.3)  # well into the dripping answer
+            asked = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=20)
+            took = time.monotonic() - asked
+        finally:
+            proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert took < 5, f"stopped after {took:.1f}s"
+    assert "not read, the agent is stopping" in err
