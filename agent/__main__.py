@@ -1,14 +1,69 @@
-"""``python -m agent`` and the ``agent`` command: the CLI; Ctrl-C while it is still starting ends it quietly (exit 130)."""
+"""``python -m agent`` and the ``agent`` command.
+
+Stop signals are caught first thing, before any heavy import: until `run` and
+`poll` put in the agent's own handlers (which finish the steps in flight), a
+SIGTERM, SIGINT or SIGHUP ends the command at once, with exit status 0.
+Output into a pipe whose reader has gone (``agent executions | head``) ends
+quietly too.
+"""
+import os
+import signal
 import sys
+
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop before the agent's own handlers are in; caught wherever Ctrl-C is.
+
+    Not KeyboardInterrupt itself: CPython 3.11 remembers one that passed
+    through an ``eval`` (namedtuple runs one on import) and, under
+    ``python -m``, kills itself with SIGINT on exit even though it was caught.
+    """
+
+
+def _stop_now(signum, frame):
+    """A stop before the agent's own handlers are in: unwind (main() returns 0), once."""
+    _ignore_stops()  # a second signal must not interrupt the unwinding
+    raise Stopped
+
+
+def _ignore_stops() -> None:
+    for signum in STOPS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def run() -> int:
-    """The CLI's exit status; the CLI is imported in here, so a Ctrl-C during its imports is caught too."""
+    """The CLI's exit status; the CLI is imported in here, so a stop during its imports is caught too."""
+    for signum in STOPS:
+        signal.signal(signum, _stop_now)
     try:
-        from agent.cli import main
-    except KeyboardInterrupt:
-        return 130
-    return main()
+        try:
+            return _run()
+        finally:
+            _ignore_stops()  # the command has ended: a late stop changes nothing, and must not print a traceback
+    except KeyboardInterrupt:  # Stopped, raised at most once by _stop_now
+        return 0
+
+
+def _run() -> int:
+    from agent.cli import main
+
+    try:
+        status = main()
+    except BrokenPipeError:  # the reader has all it wanted (`| head`): the rest of the listing goes nowhere
+        _discard_stdout()
+        return 0
+    try:
+        sys.stdout.flush()  # here, not at the interpreter's exit, where a closed pipe can only be complained about
+    except BrokenPipeError:
+        _discard_stdout()
+    return status
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered must not fail again when the interpreter exits."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

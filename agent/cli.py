@@ -3,7 +3,12 @@
 Exit status: 0 ok; 1 some work failed in this run (a poll failed, a record was
 quarantined, an execution failed or went dead); 2 bad config or usage
 (nothing touched); 3 the ledger cannot be used (held by another agent,
-damaged, unwritable).
+damaged, unwritable). A stop (SIGTERM, SIGINT) before the agent runs exits 0.
+
+Start-up is kept light: this module imports only the standard library's
+cheapest parts, and each command imports what it needs when it runs (the
+config models, the ledger, loguru), so `--help`, `--version` and `status`
+start fast (bench/startup.py measures it).
 """
 from __future__ import annotations
 
@@ -11,27 +16,21 @@ import argparse
 import json
 import os
 import signal
-import socket
-import sqlite3
 import sys
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
-from loguru import logger
-
-from agent import logs
-from agent.config import Config, ConfigError, load
-from agent.logs import printable, printable_lines, terminal_json
-from agent.secrets import Masker, masked
 from state.base import LedgerError
-from state.ledger import STATUSES, Ledger
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.secrets import Masker
+    from state.ledger import Ledger
 
 OK, FAILED, USAGE, LEDGER = 0, 1, 2, 3
-INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a command ended by Ctrl-C
 
 
 class Usage(Exception):
@@ -42,45 +41,81 @@ class Printer:
     """What the CLI shows: every form of a configured secret masked; text values escaped onto one line, JSON terminal-safe."""
 
     def __init__(self, mask: Masker):
+        from agent.logs import printable, terminal_json
+        from agent.secrets import masked
+
         self.mask = mask
+        self._printable, self._terminal_json, self._masked = printable, terminal_json, masked
 
     def text(self, value: Any) -> str:
         """A value as shown in a line for people: masked, on one line, nothing a terminal would interpret."""
-        return printable(self.mask("" if value is None else str(value)))
+        return self._printable(self.mask("" if value is None else str(value)))
 
     def json(self, value: Any, **options: Any) -> str:
         """A value as JSON text: masked string by string (so it stays valid JSON), safe on a terminal."""
         text = json.dumps(value, **options)
         if self.mask(text) != text:  # only then walk the value: most output holds no secret
-            text = json.dumps(masked(value, self.mask), **options)
-        return terminal_json(text)
+            text = json.dumps(self._masked(value, self.mask), **options)
+        return self._terminal_json(text)
 
 
 def _printer(config: Config) -> Printer:
+    from agent.secrets import Masker
+
     return Printer(Masker.of(config))
+
+
+class _Version(argparse.Action):
+    """--version: the installed package's version, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the agent's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("sync-agent")
+        except PackageNotFoundError:
+            found = "(not installed: pip install -e .)"
+        print(f"agent {found}")
+        parser.exit()
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agent", description="Polling sync agent: copies new and changed records from REST views into other systems, losing nothing and sending nothing twice.")
+    p.add_argument("--version", action=_Version)
     p.add_argument("--config", default=None, help="config file (default: $AGENT_CONFIG, else ./agent.toml)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser("run", help="poll every source now and on its schedule; deliver until SIGTERM/SIGINT/SIGHUP")
     run.add_argument("--once", action="store_true", help="poll every source once, deliver everything due, print a summary, exit")
     poll = sub.add_parser("poll", help="poll one source now (and deliver what it admitted)")
     poll.add_argument("source")
+    poll.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                      help="a run parameter, {{ run.NAME }} in the source's params and url (repeatable); "
+                           "a poll with parameters is an extra one: the cursor stays where it is")
     status = sub.add_parser("status", help="sources and flows at a glance; exit 1 when a source is stale, or work is dead or paused")
     status.add_argument("--json", action="store_true")
     ex = sub.add_parser("executions", help="list executions with their last error (or one with its attempts); "
                                           "`executions upgrade [ID…]` moves waiting work to the current flow version")
     ex.add_argument("id", nargs="*", metavar="ID | upgrade [ID…]",
                     help="show this execution's attempts; or `upgrade` with ids (or --flow, or nothing: all waiting work)")
-    ex.add_argument("--status", choices=STATUSES)
+    ex.add_argument("--status", help="only executions in this status; `quarantined`: records that could not be admitted")
     ex.add_argument("--flow")
-    ex.add_argument("--limit", type=int, default=200)
+    ex.add_argument("--record", metavar="KEY", help="only the executions of this record (its key: the submission id)")
+    ex.add_argument("--entity", help="only the executions of this entity (or record key, for sources without `entity`)")
+    ex.add_argument("--since", help="only executions created at or after this time (ISO 8601, e.g. 2026-11-01T00:00:00Z)")
+    ex.add_argument("--limit", type=int, default=200, help="the newest N (default: 200)")
     ex.add_argument("--json", action="store_true")
+    why = sub.add_parser("why", help="the whole story of one record: the poll that saw it, its executions and attempts, where it stands")
+    why.add_argument("key", metavar="KEY", help="the record's key (its submission id), or its id")
+    why.add_argument("--json", action="store_true")
     retry = sub.add_parser("retry", help="re-queue failed, dead or paused executions now (same idempotency key)")
     retry.add_argument("ids", nargs="*", type=int)
+    retry.add_argument("--failed", action="store_true", help="re-queue every failed execution (with --dead: and every dead one)")
     retry.add_argument("--dead", action="store_true", help="re-queue every dead execution")
+    retry.add_argument("--flow", help="with --failed / --dead: only this flow's")
+    retry.add_argument("--since", help="with --failed / --dead: only those that failed or went dead at or after this time (ISO 8601)")
     retry.add_argument("--json", action="store_true")
     fail = sub.add_parser("fail", help="fail waiting (pending, retrying or paused) executions by hand; `retry` brings them back")
     fail.add_argument("ids", nargs="+", type=int)
@@ -97,8 +132,18 @@ def parser() -> argparse.ArgumentParser:
     test.add_argument("--json", action="store_true")
     actions = sub.add_parser("actions", help="list the action paths of the configured connectors and their input schemas")
     actions.add_argument("--json", action="store_true")
+    action = sub.add_parser("action", help="one action by hand: `action run PATH --input FILE [--key K]`")
+    action_sub = action.add_subparsers(dest="action_command", metavar="run", required=True)
+    action_run = action_sub.add_parser("run", help="run one action once through its connector with a JSON input; records nothing in the ledger")
+    action_run.add_argument("path", metavar="ACTION", help="an action path, e.g. 'crm > leads > upsert' (`agent actions` lists them)")
+    action_run.add_argument("--input", required=True, type=Path, help='a JSON file holding the action\'s input, e.g. {"body": {...}}')
+    action_run.add_argument("--key", help="the idempotency key (default: a fresh one, printed: give it again to repeat the call safely)")
+    action_run.add_argument("--json", action="store_true", help="print the whole report (key, status, output, error) as JSON")
     validate = sub.add_parser("validate", help="check the config and that every source and sink can be reached")
-    validate.add_argument("--offline", action="store_true", help="check the config only")
+    checks = validate.add_mutually_exclusive_group()
+    checks.add_argument("--offline", action="store_true", help="check the config only")
+    checks.add_argument("--connect", action="store_true",
+                        help="log in for real: GET each view and API with its auth, log in to each mail server (STARTTLS verified); sends nothing")
     versions_ = sub.add_parser("config", help="the config versions the agent has run: history, show N, diff N M")
     versions_.add_argument("action", choices=("history", "show", "diff"))
     versions_.add_argument("numbers", nargs="*", type=int, metavar="N", help="show: a version (default: the newest); diff: two versions")
@@ -115,12 +160,21 @@ def config_path(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C before the agent's own handlers are in place: nothing was started
-        return INTERRUPTED
+    except KeyboardInterrupt:  # a stop before the agent's own handlers are in place: nothing was started, nothing is lost
+        return OK
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version or a usage mistake: argparse has said what there is to say
+        return done.code if isinstance(done.code, int) else USAGE
+    import sqlite3
+
+    from agent import logs
+    from agent.config import ConfigError, load
+    from agent.logs import printable_lines
+
     try:
         config = load(config_path(args))
     except ConfigError as error:
@@ -159,7 +213,10 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     try:
         if args.once:
             return _once(agent, agent.poll_all())
-        agent.run_forever()
+        from agent.endpoint import serving  # late: only a running agent serves [agent] listen
+
+        with serving(agent):  # a port in use is a config error: exit 2
+            agent.run_forever()
         return OK
     finally:
         agent.close()
@@ -168,14 +225,30 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 def cmd_poll(config: Config, args: argparse.Namespace) -> int:
     if args.source not in config.sources:
         raise Usage(f"unknown source {args.source!r} (known: {', '.join(config.sources) or 'none'})")
+    run = _run_params(args.param)
     agent = _agent(config)
     try:
-        return _once(agent, [agent.poll(args.source)])
+        return _once(agent, [agent.poll(args.source, run=run or None)])
     finally:
         agent.close()
 
 
+def _run_params(given: list[str]) -> dict[str, str]:
+    """--param NAME=VALUE… as a table (a name given twice is a mistake, not a choice)."""
+    run: dict[str, str] = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise Usage(f"--param {item!r}: write NAME=VALUE, such as --param sku=123")
+        if name.strip() in run:
+            raise Usage(f"--param {name.strip()!r} is given twice")
+        run[name.strip()] = value
+    return run
+
+
 def _on_stop(stopping: threading.Event) -> None:
+    from loguru import logger
+
     def stop(signum, frame):
         logger.info("stopping on {}: finishing in-flight steps", signal.Signals(signum).name)
         stopping.set()
@@ -203,12 +276,19 @@ def _once(agent, polls) -> int:
         print(f"  poll {out.text(poll.source)} failed: {out.text(poll.error)}")
     for error in drained.errors:
         print(f"  {out.text(error)}")
-    bad = failed_polls or summary["quarantined"] or drained.failed or drained.dead
+    found = sum(len(p.bad) for p in polls)  # quarantined for the first time in this run; the others were reported before
+    if summary["quarantined"] > found:
+        print(f"  {summary['quarantined'] - found} record(s) already quarantined by an earlier run are still in the view "
+              "(`agent executions --status quarantined`); they do not fail this run")
+    bad = failed_polls or found or drained.failed or drained.dead
     return FAILED if bad else OK
 
 
 def _beside(config: Config) -> Ledger:
     """The ledger for an operator command: it works beside a running agent (no lock, no migration)."""
+    from agent.secrets import Masker
+    from state.ledger import Ledger
+
     return Ledger(config.ledger_path, hold=False, mask=Masker.of(config))
 
 
@@ -217,52 +297,17 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    from agent import versions
-    from agent.flows import unreachable_reason  # late, like the agent: read-only commands stay light
+    from agent import health  # late, like the agent: read-only commands stay light
 
     now = time.time()
     out = _printer(config)
-    current = versions.of(config).hash
     with _beside(config) as ledger:
-        known = ledger.sources()
-        counts = ledger.counts()
-        paused = ledger.pause_reasons()
-        down = ledger.unreachable()
-        waiting = {name: ledger.count_paused(unreachable_reason(name)) for name in config.connectors}
-        recorded = ledger.config_versions()
-    in_use = next((row["number"] for row in recorded if row["hash"] == current), None)
-    report: dict[str, Any] = {"config": {"version": in_use, "versions": len(recorded)}, "sources": {}, "flows": {}, "connectors": {}}
-    unhealthy = False
-    for name, cfg in config.sources.items():
-        row = known.get(name, {})
-        interval = cfg.every if not cfg.at else 86400.0
-        last_good = row.get("last_success")
-        stale = last_good is None or now - last_good > 3 * interval
-        unhealthy |= stale
-        report["sources"][name] = {
-            "last_poll": row.get("last_poll"), "last_success": last_good, "cursor": row.get("value"),
-            "seen": row.get("seen", 0), "quarantined": row.get("quarantined", 0), "failing": bool(row.get("last_error")),
-            "last_error": row.get("last_error"), "stale": stale,
-        }
-    for flow in config.flows:
-        c = counts.get(flow.name, {})
-        report["flows"][flow.name] = {s: c.get(s, 0) for s in ("pending", "running", "retrying", "paused", "succeeded", "filtered", "superseded", "failed", "dead")}
-        if flow.name in paused:
-            report["flows"][flow.name]["paused_because"] = paused[flow.name]
-        unhealthy |= bool(c.get("dead"))
-    # paused for our credentials needs an operator at once; waiting for an unreachable connector only after unreachable_after
-    unhealthy |= sum(c.get("paused", 0) for c in counts.values()) > sum(waiting.values())
-    for name in config.connectors:
-        since, why = down.get(name, (None, None))
-        overdue = since is not None and now - since > config.agent.unreachable_after
-        unhealthy |= overdue
-        report["connectors"][name] = {"reachable": since is None, "unreachable_since": since, "last_error": why,
-                                      "waiting": waiting[name], "unreachable_too_long": overdue}
+        report = health.assess(config, ledger, now)
     if args.json:
         print(out.json(report, indent=2))
     else:
         _print_status(report, out, now)
-    return FAILED if unhealthy else OK
+    return OK if report["healthy"] else FAILED
 
 
 def _print_status(report: dict, out: Printer, now: float) -> None:
@@ -289,6 +334,9 @@ def _print_status(report: dict, out: Printer, now: float) -> None:
         state = "UNREACHABLE" + (" TOO LONG" if c["unreachable_too_long"] else "")
         print(f"  {out.text(name):<16} {state} since {_when(c['unreachable_since'])} ({now - c['unreachable_since']:.0f}s)  "
               f"waiting {c['waiting']}  last error: {out.text(c['last_error'])}")
+    if not report["ledger"]["writable"]:
+        print(f"ledger: NOT WRITABLE: {out.text(report['ledger']['problem'])}")
+    print("health: ok" if report["healthy"] else "health: UNHEALTHY: " + "; ".join(out.text(r) for r in report["reasons"]))
 
 
 def _numbers(texts: list[str]) -> list[int]:
@@ -305,6 +353,8 @@ def cmd_executions(config: Config, args: argparse.Namespace) -> int:
     if len(args.id) > 1:
         raise Usage("name one execution to show (or `executions upgrade ID…`)")
     one = _numbers(args.id)[0] if args.id else None
+    _known_status(args.status)
+    since = _parse_since(args.since)
     with _beside(config) as ledger:
         if one is not None:
             rows = ledger.executions(ids=[one])
@@ -321,15 +371,35 @@ def cmd_executions(config: Config, args: argparse.Namespace) -> int:
                 print(f"{out.text(r['source']):<12} {_when(r['first_seen'])}  x{r['count']}  {out.text(r['page'])}: {out.text(r['reason'])}\n"
                       f"    {out.text(r['excerpt'])[:160]}")
             return OK
-        rows = ledger.executions(status=args.status, flow=args.flow, limit=args.limit)
+        rows = ledger.execution_list(status=args.status, flow=args.flow, key=args.record, entity=args.entity, since=since, limit=args.limit)
     if args.json:
         print(out.json(rows, indent=2, ensure_ascii=False))
         return OK
-    print(f"{'id':>6}  {'status':<10} {'flow':<20} {'record':<24} {'step':>4} {'tries':>5}  {'next':<20} last error")
-    for r in rows:
-        print(f"{r['id']:>6}  {r['status']:<10} {out.text(r['flow'])[:20]:<20} {out.text(r['key'])[:24]:<24} {r['step']:>4} {r['attempts']:>5}  "
-              f"{_when(r['next_at']) if r['status'] in ('retrying', 'paused') else '':<20} {out.text(r['last_error'])[:100]}")
+    _print_executions(rows, out)
     return OK
+
+
+def _known_status(status: str | None) -> None:
+    from state.ledger import STATUSES  # late: the parser is built without the ledger
+
+    if status is not None and status not in STATUSES:
+        raise Usage(f"--status {status!r} is not a status (known: {', '.join(STATUSES)})")
+
+
+def _print_executions(rows: list[dict], out: Printer) -> None:
+    """Newest first, one a line; the flow, record and entity columns fit their longest value, a longer one ends in '…'."""
+    flows, keys, entities = (_column([out.text(r[name] or "-") for r in rows], title, most)
+                             for name, title, most in (("flow", "flow", 24), ("key", "record", 40), ("entity", "entity", 24)))
+    print(f"{'id':>6}  {'status':<10} {flows.pop(0)} {keys.pop(0)} {entities.pop(0)} {'step':>4} {'tries':>5}  {'next':<20} last error")
+    for r, flow, key, entity in zip(rows, flows, keys, entities):
+        print(f"{r['id']:>6}  {r['status']:<10} {flow} {key} {entity} {r['step']:>4} {r['attempts']:>5}  "
+              f"{_when(r['next_at']) if r['status'] in ('retrying', 'paused') else '':<20} {out.text(r['last_error'])[:100]}")
+
+
+def _column(texts: list[str], title: str, most: int) -> list[str]:
+    """The title and the cells of a column as wide as its longest text (at most ``most``); a longer text is cut with '…'."""
+    width = min(most, max([len(title), *map(len, texts)]))
+    return [text.ljust(width) if len(text) <= width else text[:width - 1] + "…" for text in (title, *texts)]
 
 
 def _upgrade(config: Config, ids: list[int], args: argparse.Namespace, out: Printer) -> int:
@@ -435,17 +505,49 @@ def _describe(row: dict, out: Printer) -> str:
     return "\n".join(lines)
 
 
-def cmd_retry(config: Config, args: argparse.Namespace) -> int:
-    if not args.ids and not args.dead:
-        raise Usage("name execution ids, or --dead for every dead one")
+def cmd_why(config: Config, args: argparse.Namespace) -> int:
+    """The story of one record; exit 1 when the ledger does not know it."""
+    from agent import why
+
+    out = _printer(config)
     with _beside(config) as ledger:
-        found = ledger.requeue(args.ids, time.time(), dead=args.dead)
+        found = why.stories(ledger, list(config.sources), args.key)
+    if args.json:
+        print(out.json(found, indent=2, ensure_ascii=False))
+    elif not found:
+        print(f"record {out.text(args.key)}: not in the ledger — no poll of {', '.join(map(out.text, config.sources)) or 'any source'} "
+              "has admitted it (see `agent executions --status quarantined`), or it was pruned")
+    else:
+        print("\n\n".join(why.describe(story, out.text) for story in found))
+    return OK if found else FAILED
+
+
+def cmd_retry(config: Config, args: argparse.Namespace) -> int:
+    bulk = tuple(status for status in ("failed", "dead") if getattr(args, status))
+    if args.ids and bulk:
+        raise Usage("name execution ids or use --failed / --dead, not both")
+    if (args.flow or args.since) and not bulk:
+        raise Usage("--flow and --since narrow --failed or --dead; add one of them")
+    if not args.ids and not bulk:
+        raise Usage("name execution ids, or use --failed and/or --dead for every failed or dead one (narrowed by --flow, --since)")
+    since = _parse_since(args.since)
+    with _beside(config) as ledger:
+        if args.flow:
+            _known_flow(args.flow, config, ledger)
+        found = ledger.requeue_matching(bulk, time.time(), flow=args.flow, since=since) if bulk else ledger.requeue(args.ids, time.time())
     missing = sorted(set(args.ids) - set(found))
     if args.json:
         print(json.dumps({"requeued": found, "left_alone": missing}))
     else:
         print(f"re-queued {len(found)} execution(s)" + (f"; not failed, dead or paused (left alone): {', '.join(map(str, missing))}" if missing else ""))
     return FAILED if missing else OK
+
+
+def _known_flow(flow: str, config: Config, ledger: Ledger) -> None:
+    """A flow named in the config, or one the ledger still holds work of (a flow since removed)."""
+    known = sorted({f.name for f in config.flows} | set(ledger.counts()))
+    if flow not in known:
+        raise Usage(f"unknown flow {flow!r} (known: {', '.join(known) or 'none'})")
 
 
 def cmd_fail(config: Config, args: argparse.Namespace) -> int:
@@ -472,6 +574,28 @@ def cmd_actions(config: Config, args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_action(config: Config, args: argparse.Namespace) -> int:
+    """`action run`: exit 0 when the call succeeded, 1 when it was made and did not, 2 when nothing could be sent."""
+    from agent import manual
+
+    out = _printer(config)
+    try:
+        result = manual.run(config, args.path, args.input, args.key)
+    except manual.ManualError as error:
+        raise Usage(str(error)) from None
+    if args.json:
+        print(out.json(result.report(), indent=2, ensure_ascii=False, default=str))
+    elif result.succeeded:
+        print(out.json(result.outcome.output, indent=2, ensure_ascii=False, default=str))
+    else:
+        o = result.outcome
+        code = f" ({o.status_code})" if o.status_code else ""
+        print(f"agent action run: {out.text(result.action)} {o.status}{code}: {out.text(o.error)}", file=sys.stderr)
+    if result.fresh_key and not args.json:
+        print(f"idempotency key: {result.key} (repeat this call safely with --key {result.key})", file=sys.stderr)
+    return OK if result.succeeded else FAILED
+
+
 def cmd_validate(config: Config, args: argparse.Namespace) -> int:
     from agent.process import build_plugins  # late: constructing plugins checks files such as ca_file
 
@@ -485,42 +609,13 @@ def cmd_validate(config: Config, args: argparse.Namespace) -> int:
                   "to their position, and waiting work cannot follow them to a new version of the flow (give each step an id)")
     if args.offline:
         return OK
+    from agent import validate
+
     problems = 0
-    for where, target, error in reachability(config):
-        problems += error is not None
-        print(f"  {out.text(where):<28} {out.text(target):<40} {'ok' if error is None else 'UNREACHABLE: ' + out.text(error)}")
+    for check in (validate.logins if args.connect else validate.reachability)(config):
+        problems += not check.ok
+        print(f"  {out.text(check.where):<28} {out.text(check.target):<40} {out.text(check)}")
     return FAILED if problems else OK
-
-
-def reachability(config: Config):
-    """(where, target, error or None) for every source and connector: a TCP connect, or a writable folder."""
-    for section, table in (("sources", config.sources), ("connectors", config.connectors)):
-        for name, cfg in table.items():
-            where = f"{section}.{name}"
-            url = getattr(cfg, "url", None) or getattr(cfg, "base_url", None)
-            if url:
-                parts = urlsplit(str(url))
-                yield where, f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}", _connect(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-            elif getattr(cfg, "host", None):
-                yield where, f"{cfg.host}:{cfg.port}", _connect(cfg.host, cfg.port)
-            elif getattr(cfg, "path", None) is not None:
-                path = config.base_dir / cfg.path
-                yield where, str(path), _usable(path, section == "sources")
-
-
-def _connect(host: str, port: int) -> str | None:
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-        return None
-    except OSError as error:
-        return error.strerror or str(error)
-
-
-def _usable(path: Path, read: bool) -> str | None:
-    if read:
-        return None if path.is_file() else "no such file"
-    folder = next((p for p in [path, *path.parents] if p.exists()), None)
-    return None if folder is not None and os.access(folder, os.W_OK) else "not writable"
 
 
 def cmd_replay(config: Config, args: argparse.Namespace) -> int:
@@ -595,5 +690,5 @@ def cmd_prune(config: Config, args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run, "poll": cmd_poll, "status": cmd_status, "executions": cmd_executions, "retry": cmd_retry, "fail": cmd_fail,
-    "config": cmd_config, "actions": cmd_actions, "validate": cmd_validate, "prune": cmd_prune, "replay": cmd_replay, "test": cmd_test,
+    "why": cmd_why, "action": cmd_action, "config": cmd_config, "actions": cmd_actions, "validate": cmd_validate, "prune": cmd_prune, "replay": cmd_replay, "test": cmd_test,
 }

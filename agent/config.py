@@ -52,6 +52,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+TOKEN_LENGTH = 16  # the shortest [agent] listen_token
+
+
 class AgentSection(Strict):
     ledger: Path = Path("var/agent.db")
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -60,11 +63,40 @@ class AgentSection(Strict):
     concurrency: int = Field(4, ge=1, le=64)
     lease: Lease = 300.0
     unreachable_after: Seconds = 900.0  # `status` exits 1 once a connector has been unreachable this long
+    listen: str | None = None  # "host:port" of the HTTP endpoint (health, metrics, runs on demand); a bare port: the loopback
+    listen_token: SecretStr | None = None  # required as `Authorization: Bearer …` on everything but /healthz
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _address(cls, value: Any) -> Any:
+        return None if value is None else listen_address(value)
+
+    @field_validator("listen_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        """A short bearer token can be guessed; the value itself is never echoed."""
+        if value is not None and len(value.get_secret_value().strip()) < TOKEN_LENGTH:
+            raise ValueError(f"is shorter than {TOKEN_LENGTH} characters (or empty: is its environment variable set?); "
+                             "make one with `openssl rand -hex 16`")
+        return value
+
+
+def listen_address(value: Any) -> str:
+    """'host:port' checked and normalised; a bare port (8787 or ':8787') listens on 127.0.0.1 only."""
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    host, _, port = text.rpartition(":")
+    host = host.strip() or "127.0.0.1"
+    wanted = "write host:port, such as '127.0.0.1:8787' (a bare port listens on the loopback only; '0.0.0.0:8787' on every address)"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} has no port from 1 to 65535; {wanted}")
+    if any(c.isspace() or c in "/@?#" for c in host) or (":" in host and not (host.startswith("[") and host.endswith("]"))):
+        raise ValueError(f"{value!r}: {host!r} is not a host name or address (write an IPv6 address in brackets: '[::1]:8787'); {wanted}")
+    return f"{host}:{int(port)}"
 
 
 class BasicAuth(Strict):
@@ -230,7 +262,7 @@ def substitute(value: Any, where: str, problems: list[tuple[str, str]]) -> Any:
 
 
 _TAGS = {"filter", "map", "action", "basic", "bearer", "header", "none", "page", "offset", "cursor", "link", "next_url"}
-_SECRET_KEYS = {"auth", "password", "token", "value"}
+_SECRET_KEYS = {"auth", "password", "token", "value", "listen_token"}
 
 
 def key_path(loc: tuple, prefix: str = "") -> str:
@@ -336,6 +368,8 @@ def load(path: Path | str) -> Config:
         raise ConfigError(name, problems)
     config = Config(path.resolve(), settings)
     config.text = text
+    if settings.agent.listen_token is not None:  # masked like every other secret: logs, output, config versions
+        config.secrets.append(settings.agent.listen_token.get_secret_value())
     _load_plugins(config, "sources", settings.sources, sources.KINDS, sources.source_class, problems)
     _load_plugins(config, "connectors", settings.connectors, sinks.KINDS, sinks.connector_class, problems)
     if not problems:

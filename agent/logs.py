@@ -72,10 +72,10 @@ def _masked_json(line: str, mask: Callable[[str], str]) -> str:
 class Progress:
     """One self-overwriting status line on a terminal (a no-op elsewhere), at most 10 updates a second."""
 
-    def __init__(self, stream=sys.stderr, clock=None):
+    def __init__(self, stream=None, clock=None):
         import time
 
-        self.stream = stream
+        self.stream = stream or sys.stderr  # today's stderr, not the one there was when this module was imported
         self.enabled = hasattr(stream, "isatty") and stream.isatty()
         self.clock = clock or time.monotonic
         self._last = 0.0

@@ -3,15 +3,25 @@
 A poll that fails half-way keeps what it admitted (those records are safe)
 and leaves the cursor where it was; the next poll starts from the old cursor
 and the ledger absorbs the overlap.
+
+A poll on demand with run parameters (``agent poll SOURCE --param sku=123``,
+``POST /flows/NAME/run``) is an extra poll: ``{{ run.sku }}`` fills the
+source's ``params`` and ``url`` templates (``run`` is an empty table on every
+other poll), what it reads is de-duplicated (and primed, before the first good
+poll) as usual, and it leaves the cursor, the last poll and the source's health
+alone: the schedule and `status` go by scheduled polls only. Its summary is its
+result (and the log), not a row in `polls`.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
+from urllib.parse import quote, urlsplit
 
 from loguru import logger
 
@@ -40,6 +50,7 @@ class PollResult:
     error: str | None = None
     cursor: str | None = None
     bad: list[str] = field(default_factory=list)
+    run: dict[str, str] = field(default_factory=dict)  # the run parameters of a poll on demand (an extra poll)
 
 
 def content_hash(record: Any) -> str:
@@ -157,6 +168,8 @@ class _PollState:
     previous: set = field(default_factory=set)
     shifted: str = ""  # why this pass cannot be trusted to have read every record
     truncated: bool = False
+    run: dict = field(default_factory=dict)  # run parameters: an extra poll, which leaves the cursor and the health alone
+    source: Any = None  # what reads the view in this poll (the source, or a copy of it reading the rendered url)
 
 
 class Poller:
@@ -174,10 +187,12 @@ class Poller:
         self.templates = templates or Templates()
         self.version: int | None = None  # the config version new executions are pinned to
 
-    def poll(self, name: str) -> PollResult:
-        """One poll; a bad value from the view or a bug fails this poll, never the agent, and what was admitted stays."""
+    def poll(self, name: str, run: dict[str, str] | None = None) -> PollResult:
+        """One poll; a bad value from the view or a bug fails this poll, never the agent, and what was admitted stays.
+
+        With ``run`` parameters it is an extra poll (see the module docstring)."""
         cfg = self.config.sources[name]
-        result = PollResult(name)
+        result = PollResult(name, run=dict(run or {}))
         log = logger.bind(source=name)
         identity = source_identity(cfg)
         row, rekey = self._identity_check(name, cfg, identity, log)
@@ -185,8 +200,8 @@ class Poller:
         flows = [(flow.name, cfg.supersede) for flow in self.config.flows_of(name)]
         self._warn_gap(name, cfg, row, log)
         started = self.clock()
-        poll_id = self.ledger.start_poll(name, started)
-        state = _PollState(cursor=cursor, flows=flows, started=started, rekey=rekey)
+        poll_id = None if result.run else self.ledger.start_poll(name, started)
+        state = _PollState(cursor=cursor, flows=flows, started=started, rekey=rekey, run=result.run)
         state.kind = stamp.kind if (stamp := read_stamp(cursor)) else None
         if cfg.first_run == "skip" and not (row and row["last_success"] is not None):  # no good poll yet: first run
             state.priming = self.ledger.start_priming(name, started)
@@ -195,7 +210,7 @@ class Poller:
         except SourceError as error:
             result.error = str(error)
         except RenderError as error:
-            result.error = f"params: {error}"
+            result.error = str(error)
         except LedgerError:
             raise
         except Exception as error:  # a value no check foresaw: this poll fails, the records admitted so far stay
@@ -205,16 +220,17 @@ class Poller:
             log.warning("{}: the poll stopped at paging.max_pages; the cursor stays so the older pages are not skipped", name)
         elif state.shifted:
             log.warning("{}: {} on every one of {} reads; the cursor stays so the next poll reads the same range", name, state.shifted, MAX_PASSES)
-        elif state.highest is not None:
+        elif state.highest is not None and not state.run:  # an extra poll never moves the cursor
             result.cursor = cursor_value(state.highest_raw, cfg.overlap)
         self._report_unusable(name, cfg, state, log)
         self._report_priming(name, cfg, state, row, result, log)
         if result.rekeyed:
             log.warning("{}: re-keyed {} record(s): already known under the source's previous identity, now marked seen "
                         "under the new one; nothing is sent for them", name, result.rekeyed)
-        self.ledger.end_poll(poll_id, name, self.clock(), pages=result.pages, fetched=result.fetched, new=result.new,
-                             primed=result.primed, quarantined=result.quarantined, error=result.error, cursor=result.cursor,
-                             identity=json.dumps(identity, sort_keys=True))
+        if poll_id is not None:
+            self.ledger.end_poll(poll_id, name, self.clock(), pages=result.pages, fetched=result.fetched, new=result.new,
+                                 primed=result.primed, quarantined=result.quarantined, error=result.error, cursor=result.cursor,
+                                 identity=json.dumps(identity, sort_keys=True))
         self._log(result, log)
         return result
 
@@ -236,10 +252,15 @@ class Poller:
 
     def _read(self, name: str, cfg: SourceConfig, state: "_PollState", result: PollResult, log) -> None:
         """Read the view, again (up to MAX_PASSES) when its order shifted or records left it while it was paged."""
-        params = {k: str(v) for k, v in self.templates.render(getattr(cfg, "params", {}) or {}, {"cursor": state.cursor or "", "source": name, "now": state.started}).items()}
+        context = {"cursor": state.cursor or "", "source": name, "now": state.started, "run": dict(state.run)}
+        try:
+            params = {k: str(v) for k, v in self.templates.render(getattr(cfg, "params", {}) or {}, context).items()}
+        except RenderError as error:
+            raise RenderError(f"params: {error}") from None
+        state.source = self._reader(name, cfg, context)
         for number in range(1, MAX_PASSES + 1):
             state.previous, state.shifted, state.first, pages = set(), "", None, 0
-            for page in self.sources[name].pages(params):
+            for page in state.source.pages(params):
                 self.failpoint("after_fetch")
                 self._page(name, cfg, page, state, result, log)
                 pages += 1
@@ -250,9 +271,19 @@ class Poller:
                 return
             log.info("{}: {}; reading it again (pass {})", name, state.shifted, number + 1)
 
+    def _reader(self, name: str, cfg: SourceConfig, context: dict[str, Any]) -> Any:
+        """The source, or for a templated ``url`` a copy of it reading the rendered URL (same session, same worker)."""
+        url = getattr(cfg, "url", None)
+        if not url or not any(mark in url for mark in ("{{", "{%")):
+            return self.sources[name]
+        rendered = render_url(self.templates, url, context)
+        reader = copy.copy(self.sources[name])  # shallow: one request in flight per view still holds across both
+        reader.config = cfg.model_copy(update={"url": rendered})
+        return reader
+
     def _moved(self, name: str, cfg: SourceConfig, params: dict[str, str], state: "_PollState") -> str:
         """Read page 1 again: if records left the view or moved up while it was paged, some may have been skipped."""
-        pages = self.sources[name].pages(params)
+        pages = state.source.pages(params)
         try:
             again = next(pages, None)
         finally:
@@ -386,12 +417,37 @@ class Poller:
 
     @staticmethod
     def _log(result: PollResult, log) -> None:
-        summary = (f"poll {result.source}: {result.pages} pages, {result.fetched} records, {result.new} new, "
+        run = f" (on demand: {', '.join(f'{k}={v}' for k, v in result.run.items())})" if result.run else ""
+        summary = (f"poll {result.source}{run}: {result.pages} pages, {result.fetched} records, {result.new} new, "
                    f"{result.primed} primed, {result.quarantined} quarantined")
         if result.error:
             log.error("{} — FAILED: {} (the cursor stays; next poll tries again)", summary, result.error)
         else:
             log.info(summary)
+
+
+def render_url(templates: Templates, url: str, context: dict[str, Any]) -> str:
+    """A source's url template rendered, run values and the cursor percent-encoded; the origin must stay as written.
+
+    So a run parameter can choose a path or a query, never another host to send the view's credentials to."""
+    encoded = {**context, "cursor": quote(str(context.get("cursor", "")), safe=""),
+               "run": {k: quote(str(v), safe="") for k, v in context.get("run", {}).items()}}
+    try:
+        rendered = str(templates.render(url, encoded))
+    except RenderError as error:
+        raise RenderError(f"url: {error}") from None
+    if _origin(rendered) != _origin(url):
+        raise RenderError("url: a template may fill the path and the query only; write the scheme, host and port out in the url")
+    return rendered
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None] | None:
+    """(scheme, host, port) of a URL; None when it has no valid port."""
+    parts = urlsplit(url)
+    try:
+        return parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:
+        return None
 
 
 def source_identity(cfg: SourceConfig) -> dict:

@@ -13,11 +13,12 @@ import queue
 import sqlite3
 import threading
 import time
+import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, Literal
 
-import schedule
 from loguru import logger
 from pydantic import ValidationError
 
@@ -28,8 +29,10 @@ from agent.config import Config, ConfigError
 from agent.flows import FlowRunner, unreachable_reason
 from agent.http import build_session
 from agent.logs import Progress
+from agent.metrics import Metrics
 from agent.poller import Poller, PollResult
 from agent.secrets import Masker
+from agent.timing import Daily, Every, Job, Timetable
 from sinks.base import SinkError
 from sources.base import SourceError
 from state.base import LedgerError
@@ -39,6 +42,9 @@ from state.ledger import WAITING, Execution, Finish, Ledger
 LEDGER_RETRY = 5.0  # seconds between tries while the ledger cannot be written
 STOP_GRACE = 5.0  # seconds a stop request waits for the steps in flight before leaving them to recovery
 STOP_CHECK = 0.1  # how often a drain waiting for its steps looks for a stop request
+MAX_SLEEP = 60.0  # the longest sleep of the loop: a wall clock stepped or suspended delays a due poll by a minute at most
+PRUNE_EVERY = 3600.0  # seconds between applications of the retention
+MAX_RUNS = 100  # runs on demand remembered, waiting or over; the oldest that are over are forgotten first
 
 
 def build(cls: type, cfg: Any, available: dict[str, Any], where: str, file: str) -> Any:
@@ -113,6 +119,41 @@ class DrainResult:
     errors: list[str] = field(default_factory=list)
 
 
+class RunQueueFull(RuntimeError):
+    """MAX_RUNS runs on demand are waiting already: ask again once some have run."""
+
+
+@dataclass
+class Attempted:
+    """What one job of the loop came to: its result, or why it failed (the ledger's failure is retried at the next tick)."""
+
+    result: Any = None
+    error: str | None = None
+    ledger_down: bool = False
+
+
+@dataclass
+class Run:
+    """A poll asked for on demand (`Agent.request_run`) and what came of it."""
+
+    id: str
+    source: str
+    params: dict[str, str]
+    state: Literal["queued", "running", "done", "failed"] = "queued"
+    result: dict[str, Any] | None = None
+
+    def finish(self, attempted: Attempted, mask: Callable[[str], str]) -> None:
+        polled: PollResult | None = attempted.result
+        error = attempted.error or (polled.error if polled else None)
+        self.state = "failed" if error else "done"
+        counts = {name: getattr(polled, name) if polled else 0 for name in ("pages", "fetched", "new", "primed", "quarantined")}
+        self.result = {**counts, "error": mask(error) if error else None}
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "source": self.source, "params": dict(self.params), "state": self.state,
+                "result": None if self.result is None else dict(self.result)}
+
+
 class Agent:
     """One agent on one ledger. ``clock`` returns epoch seconds."""
 
@@ -125,6 +166,13 @@ class Agent:
         self._workers: Workers | None = None
         self._stop_by: float | None = None  # monotonic time after which steps still in flight are left to recovery
         self.abandoned = 0  # steps left in flight by a stop
+        self._timetable: Timetable | None = None  # the first tick makes it
+        self._ledger_down = False  # a write failed in this tick: the next one comes after LEDGER_RETRY
+        self._overran: set[str] = set()  # jobs that took longer than their interval (said once each)
+        self._wake = threading.Event()  # ends the loop's sleep: a stop, a run request
+        self._runs: dict[str, Run] = {}  # runs on demand by id, oldest first
+        self._runs_lock = threading.Lock()  # request_run and run_status come from the endpoint's thread
+        self._mask = Masker.of(config)  # a run's error is served over HTTP
         templates = config.templates
         self.sources, self.connectors = build_plugins(config, clock=clock, session_factory=session_factory, stopping=self.stopping)
         self.failpoint = failpoints.from_env()
@@ -133,6 +181,7 @@ class Agent:
         self.version = self.ledger.use_config(version.hash, version.text, version.sections, version.flows, clock())
         self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates, failpoint=self.failpoint, version=self.version)
         self.progress = Progress()
+        self.metrics = Metrics(config.sources)  # counted as the agent works; GET /metrics serves them
         self.poller = Poller(config, self.ledger, self.sources, clock=clock, templates=templates, failpoint=self.failpoint,
                              progress=self.progress)
         self.poller.version = self.version
@@ -163,11 +212,14 @@ class Agent:
             logger.warning("connector {!r}: unreachable since {} when the agent last ran ({}); it is probed first", name, _when(since), why)
         return known
 
-    def poll(self, name: str) -> PollResult:
+    def poll(self, name: str, run: dict[str, str] | None = None) -> PollResult:
+        """Poll one source now; with ``run`` parameters an extra poll that leaves the cursor where it is."""
         try:
-            return self.poller.poll(name)
+            result = self.poller.poll(name, run=run)
         finally:
             self.progress.done()
+        self.metrics.polled(result)
+        return result
 
     def poll_all(self) -> list[PollResult]:
         return [self.poll(name) for name in self.config.sources if not self.stopping.is_set()]
@@ -205,8 +257,11 @@ class Agent:
     def _deliver(self, result: DrainResult, workers: Workers, size: int, in_flight: dict[Future, Execution],
                  batch: list[tuple[Execution, Finish]], put_back: set[int]) -> None:
         """The drain's loop: record outcomes and claim more in one transaction, until nothing is due or a stop."""
+        first = True
         while True:
-            free = 0 if self.stopping.is_set() else size - len(in_flight)
+            # a poll or a run fell due: claim no more (after the first round, so polls cannot starve delivery), finish, return
+            free = 0 if self.stopping.is_set() or (not first and self._poll_waits()) else size - len(in_flight)
+            first = False
             # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send;
             # when a paused connector answered again, its waiting work becomes due in the same transaction
             wake = self.runner.take_resumed()
@@ -214,6 +269,7 @@ class Agent:
             batch = []
             self._record_unreachable()
             if claimed:
+                self.metrics.claimed(claimed)
                 self.failpoint("after_claim")
             for ex in claimed:
                 self._know_version(ex.version)
@@ -300,8 +356,8 @@ class Agent:
             logger.exception("execution {} ({}, record {}) hit an internal error", ex.id, ex.flow, ex.key)
             return Finish("failed", ex.step, ex.context, error=f"internal error: {type(error).__name__}: {error}")
 
-    @staticmethod
-    def _tally(result: DrainResult, ex: Execution, finish: Finish) -> None:
+    def _tally(self, result: DrainResult, ex: Execution, finish: Finish) -> None:
+        self.metrics.finished(ex, finish)
         if finish.attempt and finish.attempt["outcome"] == "succeeded":
             result.sent += 1
         if finish.status in ("succeeded", "filtered", "failed", "dead", "retrying", "paused"):
@@ -323,56 +379,155 @@ class Agent:
         waiting = sum(n for flow in counts.values() for status, n in flow.items() if status in WAITING)
         return waiting, sum(flow.get("paused", 0) for flow in counts.values())
 
-    def run_forever(self, idle: float = 5.0) -> None:
-        """Poll at start and on each source's schedule; deliver continuously until ``stopping`` is set."""
-        scheduler = schedule.Scheduler()
-        for name, cfg in self.config.sources.items():
-            job = scheduler.every().day.at(cfg.at, cfg.timezone) if cfg.at else scheduler.every(cfg.every).seconds
-            job.do(self._scheduled_poll, name)
-        scheduler.every(1).hours.do(self.prune)
+    def run_forever(self) -> None:
+        """Poll at start and on each source's schedule, deliver continuously, until ``stopping`` is set."""
         logger.info("agent running: {} source(s), {} flow(s), ledger {}", len(self.sources), len(self.config.flows), self.config.ledger_path)
-        self._guarded(self.poll_all)
+        # the loop sleeps on _wake, which a run request sets too; this thread passes a stop on to it (costing nothing meanwhile)
+        threading.Thread(target=self._wake_on_stop, name="stop-watch", daemon=True).start()
         while not self.stopping.is_set():
-            self._guarded(scheduler.run_pending)
-            if self._guarded(self.drain) is False:
-                self.stopping.wait(LEDGER_RETRY)
-                continue
-            self.stopping.wait(self._sleep_for(scheduler, idle))
+            self._wake.clear()  # before the tick: a request that comes during it ends the sleep after it
+            wake = self.tick(self.clock())
+            self._wake.wait(min(MAX_SLEEP, max(0.0, wake - self.clock())))
         logger.info("agent stopped")
 
-    def _guarded(self, work: Callable[[], Any]) -> Any:
-        """Run work; a ledger that cannot be written (disk full, locked) is survived: nothing is sent meanwhile."""
-        try:
-            if self._unsettled:
-                self.ledger.recover(self.clock())  # steps whose outcome could not be recorded run again, same keys
-                self._unsettled = False
-            return work()
-        except LedgerError as error:
-            self._unsettled = True
-            logger.error("the ledger cannot be written: {} — nothing is sent until it can; trying again in {:.0f}s", error, LEDGER_RETRY)
-            return False
+    def _wake_on_stop(self) -> None:
+        self.stopping.wait()
+        self._wake.set()
+
+    def tick(self, now: float) -> float:
+        """One turn of the loop at ``now``: the polls and runs due, then delivery; when to turn again (epoch seconds).
+
+        All of it runs on the caller's thread, the only one that uses the ledger (deliveries run on the workers,
+        their outcomes are recorded here). A drain claims no more once a poll or a run is due, so a poll waits
+        for one delivery round at most; a drain always gets its first round, so polls cannot starve delivery.
+        """
+        self._ledger_down = False
+        table = self._timetable = self._timetable or self._plan(now)
+        for job in table.due(now):
+            if self.stopping.is_set():
+                return now
+            self._job(job)
+        self._serve_runs()
+        drain_started = self.clock()
+        if not self.stopping.is_set():
+            self._guarded(self.drain)
+        return self._next_wake(drain_started)
+
+    def _plan(self, now: float) -> Timetable:
+        """Every source polls at `now` (once, however long the agent was down), then by its `every` or `at`; prune hourly."""
+        table = Timetable()
+        for name, cfg in self.config.sources.items():
+            rule = Daily.of(cfg.at, cfg.timezone) if cfg.at else Every(cfg.every)
+            table.add(f"poll of {name}", rule, now, partial(self._scheduled_poll, name))
+        table.add("prune", Every(PRUNE_EVERY), now + PRUNE_EVERY, self.prune)
+        return table
+
+    def _job(self, job: Job) -> None:
+        """Run one job of the timetable: due again at its next slot, or (the ledger failed) at the next tick."""
+        started = self.clock()
+        if self._attempt(job.name, job.work).ledger_down:
+            return  # nothing was lost: it runs once the ledger can be written again
+        if self._timetable.done(job, started, self.clock()) and job.name not in self._overran:
+            self._overran.add(job.name)  # said once: a view always slower than its interval would say it every time
+            logger.warning("{} took longer than its interval; the polls it overlapped are skipped, not queued (said once)", job.name)
 
     def _scheduled_poll(self, name: str) -> None:
-        if self.stopping.is_set():
-            return
-        try:
+        if not self.stopping.is_set():
             self.poll(name)
-        except LedgerError:
-            raise  # the run loop survives it and says so
-        except Exception:  # schedule lets a job's exception escape run_pending(); one bad poll must not stop the agent
-            logger.exception("poll of {} failed unexpectedly", name)
 
-    def _sleep_for(self, scheduler: schedule.Scheduler, idle: float) -> float:
-        waits = [idle]
-        if scheduler.idle_seconds is not None:
-            waits.append(scheduler.idle_seconds)
+    def _attempt(self, what: str, work: Callable[[], Any]) -> Attempted:
+        """Run one job of the loop; a ledger that cannot be written and a bug in the job are both survived."""
         try:
-            due = self.ledger.next_due()
+            self._settle()
+            return Attempted(work())
+        except LedgerError as error:
+            self._ledger_failed(error)
+            return Attempted(error=f"the ledger cannot be written: {error}", ledger_down=True)
+        except Exception as error:  # a bug in one job must not stop the agent (the `schedule` package let it escape)
+            logger.exception("{} failed unexpectedly", what)
+            return Attempted(error=f"internal error: {type(error).__name__}: {error}")
+
+    def _guarded(self, work: Callable[[], Any]) -> Any:
+        """Run work; a ledger that cannot be written (disk full, locked) is survived (False): nothing is sent meanwhile."""
+        try:
+            self._settle()
+            return work()
+        except LedgerError as error:
+            self._ledger_failed(error)
+            return False
+
+    def _settle(self) -> None:
+        if self._unsettled:
+            self.ledger.recover(self.clock())  # steps whose outcome could not be recorded run again, same keys
+            self._unsettled = False
+
+    def _ledger_failed(self, error: LedgerError) -> None:
+        self._unsettled = self._ledger_down = True
+        logger.error("the ledger cannot be written: {} — nothing is sent until it can; trying again in {:.0f}s", error, LEDGER_RETRY)
+
+    def _next_wake(self, drain_started: float) -> float:
+        """The next poll, run or retry. Work due before the drain that it left waits behind an earlier version: not counted."""
+        now = self.clock()
+        if self._ledger_down:
+            return now + LEDGER_RETRY
+        if self.stopping.is_set() or self._poll_waits():
+            return now
+        wakes = [self._timetable.next_wake(now)]
+        try:
+            wakes.append(self.ledger.next_due(after=drain_started))
         except sqlite3.Error:
-            due = None
-        if due is not None:
-            waits.append(due - self.clock())
-        return max(0.05, min(waits))
+            pass  # tried again at the next wake
+        return min(wake for wake in wakes if wake is not None)
+
+    def _poll_waits(self) -> bool:
+        """A poll or a run on demand is due: the drain claims no more, so it waits one delivery round at most."""
+        with self._runs_lock:
+            if any(run.state == "queued" for run in self._runs.values()):
+                return True
+        if self._timetable is None:  # `run --once` and `poll` drain without a timetable
+            return False
+        now = self.clock()
+        return self._timetable.next_wake(now) <= now
+
+    # -- runs on demand (the HTTP endpoint's POST /flows/{name}/run) -----------------------------
+
+    def request_run(self, source: str, params: dict[str, str]) -> str:
+        """Queue a poll of ``source`` with ``params`` (its `run` in templates) for the loop; the run's id. Thread-safe.
+
+        An unknown source raises ValueError naming the known ones; with MAX_RUNS runs waiting already, RunQueueFull."""
+        if source not in self.config.sources:
+            raise ValueError(f"unknown source {source!r} (known: {', '.join(self.config.sources) or 'none'})")
+        if not all(isinstance(name, str) and isinstance(value, str) for name, value in params.items()):
+            raise TypeError("run parameters are names and values, both strings")
+        run = Run(uuid.uuid4().hex, source, dict(params))
+        with self._runs_lock:
+            finished = [old.id for old in self._runs.values() if old.state in ("done", "failed")]
+            for old in finished[:max(0, len(self._runs) + 1 - MAX_RUNS)]:  # the oldest finished make room
+                del self._runs[old]
+            if len(self._runs) >= MAX_RUNS:
+                raise RunQueueFull(f"{MAX_RUNS} runs are waiting already; ask again once some have run")
+            self._runs[run.id] = run
+        self._wake.set()
+        return run.id
+
+    def run_status(self, run_id: str) -> dict[str, Any] | None:
+        """A run's id, source, params, state (queued, running, done, failed) and, once over, its result; None if unknown."""
+        with self._runs_lock:
+            run = self._runs.get(run_id)
+            return None if run is None else run.view()
+
+    def _serve_runs(self) -> None:
+        """Poll for the runs queued when the tick began, oldest first, on the loop's thread like every ledger use."""
+        with self._runs_lock:
+            queued = [run for run in self._runs.values() if run.state == "queued"]
+        for run in queued:
+            if self.stopping.is_set():
+                return
+            with self._runs_lock:
+                run.state = "running"
+            attempted = self._attempt(f"run {run.id} of {run.source}", partial(self.poll, run.source, run=run.params))
+            with self._runs_lock:
+                run.finish(attempted, self._mask)
 
 
 def _when(ts: float) -> str:

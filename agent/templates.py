@@ -84,21 +84,21 @@ class Templates:
             return [self.render(v, context, autoescape) for v in template]
         if not isinstance(template, str) or not any(mark in template for mark in ("{{", "{%", "{#")):
             return template
-        return self._run(self._compile(template, autoescape, False), context)
+        return self._run(self._compile(template, autoescape, False), context, template)
 
     def evaluate(self, expression: str, context: dict[str, Any]) -> Any:
         """Evaluate a bare Jinja expression (a filter's ``when``)."""
-        return self._run(self._compile(expression, False, True), context)
+        return self._run(self._compile(expression, False, True), context, expression)
 
     @staticmethod
-    def _run(compiled, context: dict[str, Any]) -> Any:
+    def _run(compiled, context: dict[str, Any], source: str) -> Any:
         try:
             value = compiled(**context)
             if isinstance(value, Undefined):
                 str(value)  # StrictUndefined raises here, naming the missing field
             return value
         except UndefinedError as error:
-            raise RenderError(f"missing field: {error.message}") from None
+            raise RenderError(f"missing field: {error.message}{_missing_hint(error.message or '', source, context)}") from None
         except SecurityError as error:
             raise RenderError(f"not allowed in a template: {error}") from None
         except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as error:
@@ -111,6 +111,23 @@ class Templates:
                 self._compile(source, False, expression)
             except TemplateSyntaxError as error:
                 raise TemplateSyntaxProblem(field, f"{source!r} is not a valid template: {error.message}") from None
+
+
+_ABSENT = re.compile(r"has no attribute '(?P<name>[^']*)'")
+_UNDEFINED = re.compile(r"^'(?P<name>[^']*)' is undefined$")
+
+
+def _missing_hint(message: str, source: str, context: dict[str, Any]) -> str:
+    """What to write instead: a default for a field that may be absent, the known names for a misspelt one."""
+    if found := _UNDEFINED.match(message):
+        return f" (known names: {', '.join(sorted(context))})" if found["name"] not in context else ""
+    found = _ABSENT.search(message)
+    if not found:
+        return ""
+    name = re.escape(found["name"])
+    used = re.search(rf"[A-Za-z_][\w.]*(?:\.{name}\b|\[\s*['\"]{name}['\"]\s*\])", source)  # how the template reaches it
+    example = used[0] if used else f"record.{found['name']}"
+    return f" (if it may be absent, give it a default: {example} | default(''))"
 
 
 def _templates_of(step: Any):

@@ -268,6 +268,15 @@ def _parsed(url: str) -> SplitResult:
     return parts
 
 
+def _repeat_fix(paging: _Paging) -> str:
+    """What to change when a page repeats the previous one; the usual cause is a view that answers past its end with its last page."""
+    ignored = "the server ignores the paging parameter (check paging.param)"
+    if paging.total is not None:
+        return ignored
+    return ("the view answers a page past its end with its last page again (usual fix: set paging.total to the path of "
+            f"the record count in its body, e.g. total = \"total\", so paging stops at the end), or {ignored}")
+
+
 def _joined(base: str, target: str, what: str) -> str:
     """`target` resolved against `base`, or a PageError saying why that URL cannot be used."""
     try:
@@ -365,7 +374,7 @@ class RestSource:
             response.count = len(records)
             signature = (len(records), records[0], records[-1]) if records else None
             if signature and signature == previous:
-                raise PageError(f"{self._where(number, response.url)} repeats the previous page: the server ignores the paging parameter (check paging.param)", page=number)
+                raise PageError(f"{self._where(number, response.url)} repeats the previous page: {_repeat_fix(paging)}", page=number)
             fetched, broken = fetched + len(records), None
             try:
                 total = self._total(response, total)

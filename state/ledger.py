@@ -627,9 +627,10 @@ class Ledger:
     def _wake(conn: sqlite3.Connection, now: float) -> int:
         return conn.execute("UPDATE executions SET next_at = ?, updated = ? WHERE status = 'paused'", (now, now)).rowcount
 
-    def next_due(self) -> float | None:
-        """The earliest time a waiting execution becomes due, or None."""
-        row = self.conn.execute(f"SELECT MIN(next_at) FROM executions WHERE status {_IN_WAITING}").fetchone()
+    def next_due(self, after: float | None = None) -> float | None:
+        """The earliest time a waiting execution becomes due (later than ``after`` when given), or None."""
+        since = "" if after is None else " AND next_at > ?"
+        row = self.conn.execute(f"SELECT MIN(next_at) FROM executions WHERE status {_IN_WAITING}{since}", () if after is None else (after,)).fetchone()
         return row[0]
 
     # -- config versions -----------------------------------------------------------------
@@ -819,3 +820,54 @@ class Ledger:
         """How many paused executions wait for this reason: their last error begins with it."""
         sql = "SELECT COUNT(*) FROM executions WHERE status = 'paused' AND substr(last_error, 1, length(?)) = ?"
         return self.conn.execute(sql, (reason, reason)).fetchone()[0]
+
+    # -- an operator's questions: listings, one record's story, bulk re-queues ---------------------------------------
+    def execution_list(self, *, status: str | None = None, flow: str | None = None, key: str | None = None,
+                       entity: str | None = None, since: float | None = None, limit: int = 200) -> list[dict]:
+        """Executions newest first; each filter narrows (``since``: created at or after)."""
+        where, params = _matching(status=status, flow=flow, key=key, entity=entity, created=since)
+        sql = "SELECT id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version FROM executions"
+        return self._rows(f"{sql} WHERE {where} ORDER BY id DESC LIMIT ?", (*params, limit))
+
+    def requeue_matching(self, statuses: tuple[str, ...], now: float, *, flow: str | None = None, since: float | None = None) -> list[int]:
+        """``requeue`` for every execution in ``statuses`` (of a flow; failed or dead since a time: ``updated``), in one transaction."""
+        where, params = _matching(flow=flow, updated=since)
+        where += f" AND status IN ({','.join('?' * len(statuses))})"
+        params += list(statuses)
+        with self.write() as conn:
+            found = [r[0] for r in conn.execute(f"SELECT id FROM executions WHERE {where} ORDER BY id", params)]
+            conn.execute("UPDATE executions SET status = 'retrying', attempts = 0, first_attempt = NULL, next_at = ?, updated = ?"
+                         f" WHERE {where}", (now, now, *params))
+        return found
+
+    def record(self, source: str, key: str) -> dict | None:
+        """A seen record: its id, version and when polls first and last showed it (last_seen lags by up to TOUCH_EVERY)."""
+        rows = self._rows("SELECT source, key, id, version, hash, first_seen, last_seen FROM records WHERE source = ? AND key = ?", (source, key))
+        return rows[0] if rows else None
+
+    def keys_of_id(self, id: str, limit: int = 20) -> list[tuple[str, str]]:
+        """(source, key) of the seen records whose id is ``id`` (several under `dedupe = "id+updated"`), oldest first."""
+        return [tuple(r) for r in self.conn.execute("SELECT source, key FROM records WHERE id = ? ORDER BY first_seen LIMIT ?", (id, limit))]
+
+    def executions_of(self, source: str, key: str) -> list[dict]:
+        """Every execution of one record, oldest first, with its attempts."""
+        rows = self._rows("SELECT id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version, replay, single"
+                          " FROM executions WHERE source = ? AND key = ? ORDER BY id", (source, key))
+        for row in rows:
+            row["attempts_made"] = self.attempts_of(row["id"])
+        return rows
+
+    def poll_at(self, source: str, when: float) -> dict | None:
+        """The poll of a source that was running at ``when`` (the last one started by then), if it is still kept."""
+        rows = self._rows("SELECT * FROM polls WHERE source = ? AND started <= ? ORDER BY id DESC LIMIT 1", (source, when))
+        return rows[0] if rows else None
+
+
+def _matching(**filters: Any) -> tuple[str, list]:
+    """A WHERE clause (and its parameters) for the filters given: ``created``/``updated`` are lower bounds, the rest equalities."""
+    where, params = ["1 = 1"], []
+    for column, value in filters.items():
+        if value is not None:
+            where.append(f"{column} >= ?" if column in ("created", "updated") else f"{column} = ?")
+            params.append(value)
+    return " AND ".join(where), params

@@ -211,7 +211,7 @@ ERRORS = [
         id="unknown-top-level-key"),
     pytest.param(
         edit('ledger = "var/agent.db"', 'ledger = "var/agent.db"\nlegder = "x.db"'),
-        "agent.legder", "unknown key (a typo?); allowed here: concurrency, lease, ledger, log_format, log_level, retention, unreachable_after",
+        "agent.legder", "unknown key (a typo?); allowed here: concurrency, lease, ledger, listen, listen_token, log_format, log_level, retention, unreachable_after",
         id="unknown-agent-key"),
     pytest.param(
         edit('log_format = "text"', 'log_format = "xml"'),

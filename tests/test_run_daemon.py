@@ -53,6 +53,24 @@ def test_run_polls_on_schedule_delivers_and_stops_cleanly_on_sigterm(tmp_path):
     assert len(sink.requests_to("POST")) == 21
 
 
+def test_sigterm_ends_an_idle_agent_sleeping_until_its_next_poll_at_once(tmp_path):
+    with SinkServer() as sink, ViewServer(make_leads(3), page_size=10, username="integration", password=PASSWORD) as view:
+        cfg = write_config(tmp_path, view, sink, size=10)
+        cfg.write_text(cfg.read_text().replace('first_run = "deliver"', 'first_run = "deliver"\nevery = "1h"'))
+        proc = start(cfg)
+        try:
+            assert wait_for(lambda: len(sink.requests_to("POST")) == 3)
+            time.sleep(0.3)  # the outcomes recorded, the loop asleep until the next poll, an hour away
+            asked = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=20)
+            took = time.monotonic() - asked
+        finally:
+            proc.kill()
+        assert proc.returncode == 0 and "agent stopped" in err, err
+        assert took < 2.0  # the sleep ends with the stop, not at its end
+
+
 def test_sigterm_during_a_slow_delivery_finishes_the_step(tmp_path):
     with SinkServer() as sink, ViewServer(make_leads(3), page_size=10, username="integration", password=PASSWORD) as view:
         sink.delay = 0.5

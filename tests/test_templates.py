@@ -97,13 +97,20 @@ def test_every_documented_name_is_available(templates, context):
 
 
 @pytest.mark.parametrize("template, message", [
-    ("{{ record.Missing }}", "missing field: 'dict object' has no attribute 'Missing'"),
-    ("Hello {{ record.Missing }}!", "missing field: 'dict object' has no attribute 'Missing'"),
-    ("{{ record.Address.Street }}", "missing field: 'dict object' has no attribute 'Street'"),
-    ("{{ record.Missing.Deeper }}", "missing field: 'dict object' has no attribute 'Missing'"),
-    ("{{ recrod.Email }}", "missing field: 'recrod' is undefined"),
-    ({"to": ["{{ record.Missing }}"]}, "missing field: 'dict object' has no attribute 'Missing'"),
-], ids=["single", "in-text", "nested", "chained", "unknown-name", "inside-table"])
+    ("{{ record.Missing }}", "missing field: 'dict object' has no attribute 'Missing'"
+                             " (if it may be absent, give it a default: record.Missing | default(''))"),
+    ("Hello {{ record.Missing }}!", "missing field: 'dict object' has no attribute 'Missing'"
+                                    " (if it may be absent, give it a default: record.Missing | default(''))"),
+    ("{{ record.Address.Street }}", "missing field: 'dict object' has no attribute 'Street'"
+                                    " (if it may be absent, give it a default: record.Address.Street | default(''))"),
+    ("{{ record.Missing.Deeper }}", "missing field: 'dict object' has no attribute 'Missing'"
+                                    " (if it may be absent, give it a default: record.Missing | default(''))"),
+    ("{{ record['First Name'] }}", "missing field: 'dict object' has no attribute 'First Name'"
+                                   " (if it may be absent, give it a default: record['First Name'] | default(''))"),
+    ("{{ recrod.Email }}", "missing field: 'recrod' is undefined (known names: cursor, flow, mapped, now, record, source, steps)"),
+    ({"to": ["{{ record.Missing }}"]}, "missing field: 'dict object' has no attribute 'Missing'"
+                                       " (if it may be absent, give it a default: record.Missing | default(''))"),
+], ids=["single", "in-text", "nested", "chained", "subscript", "unknown-name", "inside-table"])
 def test_a_missing_field_is_a_render_error_naming_it(templates, context, template, message):
     with pytest.raises(RenderError) as caught:
         templates.render(template, context)
@@ -111,7 +118,7 @@ def test_a_missing_field_is_a_render_error_naming_it(templates, context, templat
 
 
 def test_a_missing_field_is_an_error_in_html_too(templates, context):
-    with pytest.raises(RenderError, match="^missing field: 'dict object' has no attribute 'Missing'$"):
+    with pytest.raises(RenderError, match=r"^missing field: 'dict object' has no attribute 'Missing' \(.* record.Missing \| default"):
         templates.render("<p>{{ record.Missing }}</p>", context, autoescape=True)
 
 
@@ -204,7 +211,7 @@ def test_evaluate_returns_the_expression_value(templates, context, expression, e
 
 
 def test_evaluate_is_strict_and_sandboxed(templates, context):
-    with pytest.raises(RenderError, match="^missing field: 'dict object' has no attribute 'Statsu'$"):
+    with pytest.raises(RenderError, match=r"^missing field: 'dict object' has no attribute 'Statsu' \(.* record.Statsu \| default"):
         templates.evaluate("record.Statsu != 'Spam'", context)
     with pytest.raises(RenderError, match="^not allowed in a template: "):
         templates.evaluate("record.__class__", context)
