@@ -5,20 +5,50 @@
     assert not report.problems
 
 A storm runs ``python -m agent --config X run`` again and again ("generations")
-against a ``ViewServer`` that a ``Mutator`` keeps adding and updating records in
-(every update a new ``lastSubmissionID``; many equal ``lastModified`` values),
-with a ``ChaosView`` fault on every request (5xx, dropped connection, truncated
-JSON, short body, an answer slower than the source ``timeout``) and a
-``ChaosSink`` (503, 429 with Retry-After, the connection dropped *after* the
-write was accepted, an answer slower than the connector ``timeout``).
+against a ``ViewServer`` that a ``Mutator`` keeps changing, with a ``ChaosView``
+fault on every request (5xx, dropped connection, truncated JSON, short body, an
+answer slower than the source ``timeout``) and a ``ChaosSink`` (503, 429 with
+Retry-After, the connection dropped *after* the write was accepted, an answer
+slower than the connector ``timeout``).
+
+The view: its clock starts two days behind the real one and runs about 30x
+faster, never past the real clock (the agent ignores an ``updated`` more than
+5 minutes ahead of its own clock, so a view dated in the future would never
+move the cursor). The Mutator adds and updates records (every update a new
+``lastSubmissionID``; many equal ``lastModified`` values); some updates leave
+the old version in the view beside the new one (both current, the newer on
+page 1, the older further down) for a while or for good; some bursts delete a
+few of the newest records, and some requests for a page after the first are
+preceded by deleting records of the pages already served (the records next in
+line move onto a page the agent has read). One record is dated
+``9999-12-31T23:59:59Z`` all storm long: it is served by every poll (the
+view compares ``since`` as text) and must never move the cursor. The view's
+clock only goes forward, so the source's ``overlap`` is short (5 s, a tick is
+30 s): a record a poll skips falls behind the cursor and stays lost, instead
+of being read again by the next poll's overlap.
 
 Each generation is SIGKILLed at a random moment, or kills itself at a named
 failpoint (``AGENT_FAILPOINTS``): generations alternate between "kill" ones
 (low failpoint chances: our SIGKILL usually comes first) and "failpoint" ones
 (one point at a high chance, the points taken in turn until each has fired
 ``min_firings`` times). One generation in the middle is stopped with SIGTERM
-instead. Then the faults stop, a clean ``run`` drains everything and is
-stopped with SIGTERM, and ``run --once`` must find nothing left to do.
+instead. Then the faults and the Mutator stop, a clean ``run`` drains
+everything (then a few records are updated at the newest time: a tie at the
+cursor, drained again) and is stopped with SIGTERM, and ``run --once`` must
+find nothing left to do.
+
+The judge: every admitted version and every version still in the view was
+delivered; no version that was in the view all through a good poll whose
+range held it was skipped when the cursor then passed it (even if it was
+replaced or deleted later); none went out under two idempotency keys, none
+was replayed without a fault to explain it; versions of one record went out
+in the order of their ``lastModified`` (ties: the order admitted) unless the
+older one was admitted only after the newer one was sent (counted, with the
+records whose last delivery is an older version, but not asserted); the
+cursor moved, and never past the newest time the view had (but the
+far-future one). ``sink-events.jsonl``, ``view-log.jsonl`` (the view's
+changes and requests) and ``generations.json`` are left beside ``logs/`` and
+``var/agent.db`` for a post-mortem.
 
 ``Report.problems`` lists every broken promise; ``Report.figures`` the counts.
 Everything random is drawn from one seeded ``random.Random`` per component
@@ -44,7 +74,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
 
 from sinkserver import SinkServer
 from viewserver import ViewServer, drop_connection, make_leads, short_body, truncated_json, update
@@ -52,8 +83,12 @@ from viewserver import ViewServer, drop_connection, make_leads, short_body, trun
 PASSWORD = "storm-view-pass-Qx81"
 TOKEN = "storm-crm-token-7Kd"
 POINTS = ("after_fetch", "inside_admit", "after_claim", "after_send", "inside_failure")
-START = "2027-03-01T08:00:00Z"
 FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# The view's clock starts two days behind the real one (whole seconds): the agent ignores an `updated` more than
+# 5 minutes ahead of its own clock, so a view dated in the future would never move the cursor and the storm would
+# not test it. The Mutator runs the view's clock about 30x faster than real time: two days last over an hour.
+START = (datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=2)).strftime(FORMAT)
+FAR_FUTURE = "9999-12-31T23:59:59Z"  # one record's lastModified all storm long: it must never move the cursor
 ACTIVE = ("pending", "running", "retrying", "paused")
 # The agent's timeouts, and how much later a "slow" fault answers. The sink's is the wider one: a replay after an
 # answer the agent timed out on is explained only when the storm made that answer slow on purpose.
@@ -107,6 +142,29 @@ PLANTS = {
             return original(highest, 0)
         P.cursor_value = strictly_after
     """,
+    # the old rule: any `updated` that reads as a time moves the cursor, however far in the future; the view's
+    # far-future record then puts the cursor at 9999 and nothing after it is ever polled
+    "future_cursor": """
+        import agent.poller as P
+        P.FUTURE_TOLERANCE = float("inf")
+    """,
+    # a poll trusts its pages: records that move onto a page already read while it pages are skipped, and the
+    # cursor moves past them
+    "no_reread": """
+        import agent.poller as P
+        P.Poller._moved = lambda *args: ""
+    """,
+    # versions of an entity go out in the order they arrived, whatever their `updated`: the view serves newest first,
+    # so a newer version shown together with an older one is delivered first
+    "arrival_order": """
+        import state.ledger as L
+        admit = L.Ledger.admit
+        def undated(self, source, items, *args, **kwargs):
+            for item in items:
+                item.version_at = None
+            return admit(self, source, items, *args, **kwargs)
+        L.Ledger.admit = undated
+    """,
 }
 
 
@@ -115,21 +173,29 @@ def _stamp(at: datetime) -> str:
 
 
 class ChaosView:
-    """A ViewServer fault that answers most requests normally and fails the others at random."""
+    """A ViewServer fault that answers most requests normally and fails the others at random.
+
+    ``before_page(path)`` runs before a page is served while the faults are on (the Mutator deletes records there).
+    """
 
     KINDS = ("500", "drop", "truncated", "short", "slow")
 
     def __init__(self, rng: random.Random, rate: float, slow: float):
         self.rng, self.rate, self.slow = rng, rate, slow
         self.on = True
+        self.before_page: Callable[[str], None] = lambda path: None
         self.counts: collections.Counter = collections.Counter()
+        self.log: list[tuple[float, str, str]] = []  # (time.time(), path, fault or "ok") of every request
         self._lock = threading.Lock()
 
     def __call__(self, handler) -> None:
         with self._lock:
             kind = self.rng.choice(self.KINDS) if self.on and self.rng.random() < self.rate else "ok"
             self.counts[kind] += 1
+            self.log.append((time.time(), handler.path, kind))
         try:
+            if kind in ("ok", "slow") and self.on:
+                self.before_page(handler.path)
             if kind == "ok":
                 handler.serve()
             elif kind == "500":
@@ -157,6 +223,8 @@ class SinkEvent:
     kind: str  # accepted | replay | refused-503 | refused-429 | status-N | nokey | incomplete
     delivery: str = "answered"  # answered | dropped (after the write was accepted) | slow (past the timeout)
     gen: int = -1  # the agent process that sent it (its X-Storm-Generation header)
+    modified: str | None = None  # the body's lastModified
+    wall: float = field(default_factory=time.time)  # the same moment on the agent's clock (the ledger's times)
 
 
 class ChaosSink(SinkServer):
@@ -197,14 +265,14 @@ class ChaosSink(SinkServer):
             if fault in ("503", "429"):
                 self.requests.append(request)
                 self.counts[fault] += 1
-                self.events.append(SinkEvent(now, key, body.get("version"), f"refused-{fault}", gen=gen))
+                self.events.append(SinkEvent(now, key, body.get("version"), f"refused-{fault}", gen=gen, modified=body.get("modified")))
                 headers = {"Retry-After": "1"} if fault == "429" else {}
                 return int(fault), {"error": f"injected {fault}"}, headers
             replay = key in self._answers
             answer = super().answer(request)
             ok = answer is not None and 200 <= answer[0] < 300
             kind = "nokey" if not key else "replay" if replay else "accepted" if ok else f"status-{answer[0] if answer else 'none'}"
-            event = SinkEvent(now, key, body.get("version"), kind, gen=gen)
+            event = SinkEvent(now, key, body.get("version"), kind, gen=gen, modified=body.get("modified"))
             if ok and fault in ("drop", "slow"):
                 event.delivery = "dropped" if fault == "drop" else "slow"
                 self.counts[fault] += 1
@@ -215,19 +283,42 @@ class ChaosSink(SinkServer):
 
 
 class Mutator(threading.Thread):
-    """Adds and updates view records in bursts; every burst stamps one time, and many bursts share it."""
+    """Adds, updates and deletes view records in bursts; every burst stamps one time, and many bursts share it.
+
+    An update usually replaces the record; sometimes (``keep_chance``) it updates one of the ``recent`` newest
+    records and adds the new version beside the old one, which stays in the view (both current: the newer on
+    top, the older further down) until a later burst removes it, or for good. Sometimes (``delete_chance``) a
+    burst deletes a few of the ``recent`` newest records, so the pages after them shift up under a poll that is
+    paging; and ``while_paging`` deletes some of them (``paging_delete_chance``) just before a page after the
+    first is served, so the records that were next in line move onto a page the agent has already read. Records
+    of a ``pinned`` entity (the far-future one) are never updated or deleted.
+    """
 
     def __init__(self, view: ViewServer, rng: random.Random, *, every: float = 0.25, bursts_per_tick: int = 3,
-                 tick: float = 30.0, most: int = 6, add_chance: float = 0.3):
+                 tick: float = 30.0, most: int = 6, add_chance: float = 0.3, keep_chance: float = 0.1,
+                 delete_chance: float = 0.04, paging_delete_chance: float = 0.1, recent: int = 30,
+                 pinned: frozenset[str] = frozenset()):
         super().__init__(name="storm-mutator", daemon=True)
         self.view, self.rng = view, rng
         self.every, self.bursts_per_tick, self.tick, self.most, self.add_chance = every, bursts_per_tick, tick, most, add_chance
+        self.keep_chance, self.delete_chance, self.recent, self.pinned = keep_chance, delete_chance, recent, pinned
+        self.paging_delete_chance = paging_delete_chance
+        self.paging_rng = random.Random(rng.random())  # while_paging runs in the view's threads, not in this one
         self.now = datetime.strptime(START, FORMAT).replace(tzinfo=timezone.utc)
         self.history: dict[str, list[str]] = {}  # entity -> versions in the order they were made
+        self.modified: dict[str, str] = {}  # version -> its lastModified
+        self.born: dict[str, int] = {}  # version -> the burst that made it
+        self.kept: list[tuple[str, str]] = []  # (older, newer) versions of one entity put in the view side by side
+        self.deleted: list[str] = []  # versions deleted from the view (not replaced by an update)
+        self.deleted_while_paging = 0
+        self.held_back = 0  # ticks cut short so the view's clock stays behind the real one
+        self._remove_at: dict[str, int] = {}  # a kept older version -> the burst that removes it
+        # (time.time(), made | beside | replaced | deleted | removed, version, lastModified): when versions came and went
+        self.log: list[tuple[float, str, str, str]] = []
         self.halt = threading.Event()
         self.bursts = 0
         for record in view.records:
-            self.history[record["RecordId"]] = [record["lastSubmissionID"]]
+            self._note(record)
 
     def run(self) -> None:
         while not self.halt.wait(self.every):
@@ -236,30 +327,114 @@ class Mutator(threading.Thread):
     def burst(self) -> None:
         self.bursts += 1
         if self.bursts % self.bursts_per_tick == 0:
-            self.now += timedelta(seconds=self.tick)
+            real = datetime.now(timezone.utc).replace(microsecond=0)
+            self.held_back += self.now + timedelta(seconds=self.tick) > real
+            self.now = min(self.now + timedelta(seconds=self.tick), real)
         at = _stamp(self.now)
-        for _ in range(self.rng.randint(0, self.most)):
-            if self.rng.random() < self.add_chance:
-                record = make_leads(1, start=at)[0]
-                self.view.records.append(record)
-                self.history[record["RecordId"]] = [record["lastSubmissionID"]]
-            else:
-                i = self.rng.randrange(len(self.view.records))
-                record = update(self.view.records[i], at=at, Status=self.rng.choice(["New", "Contacted", "Qualified"]))
-                self.view.records[i] = record
-                self.history[record["RecordId"]].append(record["lastSubmissionID"])
+        # under the view's lock: a request that sorts the records half-way through a change caches a stale order
+        with self.view._lock:
+            for _ in range(self.rng.randint(0, self.most)):
+                if self.rng.random() < self.add_chance:
+                    record = make_leads(1, start=at)[0]
+                    self.view.records.append(record)
+                    self._note(record)
+                elif self.rng.random() < self.keep_chance:
+                    self._update_beside(at)
+                else:
+                    self._update(at)
+            if self.rng.random() < self.delete_chance:
+                self._delete_newest(self.rng.randint(1, 3))
+            self._remove_due()
+
+    def while_paging(self, path: str) -> None:
+        """Sometimes delete a few records of the pages already served before a page after the first is served."""
+        query = {name: values[-1] for name, values in parse_qs(urlsplit(path).query).items()}
+        page, size = query.get("page", "1"), query.get("pageSize", "0")
+        if self.halt.is_set() or not (page.isdigit() and size.isdigit()) or int(page) < 2:
+            return
+        if self.paging_rng.random() < self.paging_delete_chance:
+            with self.view._lock:
+                self.deleted_while_paging += self._delete_newest(self.paging_rng.randint(1, 3), self.paging_rng,
+                                                                 within=(int(page) - 1) * int(size))
 
     def tie(self, n: int) -> None:
-        """Update n records at the newest time in the view: a tie with what the agent has already polled."""
-        at = max(r["lastModified"] for r in self.view.records)
-        for i in self.rng.sample(range(len(self.view.records)), min(n, len(self.view.records))):
-            record = update(self.view.records[i], at=at, Status="Tied")
-            self.view.records[i] = record
-            self.history[record["RecordId"]].append(record["lastSubmissionID"])
+        """Update n records at the newest usable time in the view: a tie with what the agent has already polled."""
+        with self.view._lock:
+            movable = self._movable()
+            at = max(self.view.records[i]["lastModified"] for i in movable)
+            for i in self.rng.sample(movable, min(n, len(movable))):
+                self._replace(i, update(self.view.records[i], at=at, Status="Tied"))
 
     @property
     def versions(self) -> int:
         return sum(len(v) for v in self.history.values())
+
+    def _note(self, record: dict, what: str = "made") -> None:
+        self.log.append((time.time(), what, record["lastSubmissionID"], record["lastModified"]))
+        self.history.setdefault(record["RecordId"], []).append(record["lastSubmissionID"])
+        self.modified[record["lastSubmissionID"]] = record["lastModified"]
+        self.born[record["lastSubmissionID"]] = self.bursts
+
+    def _movable(self) -> list[int]:
+        """Positions of the records the Mutator may update or delete."""
+        return [i for i, r in enumerate(self.view.records) if r["RecordId"] not in self.pinned]
+
+    def _newest(self, within: int | None = None) -> list[int]:
+        """Positions of the movable records among the `within` (default `recent`) newest."""
+        records = self.view.records
+        newest = sorted(range(len(records)), key=lambda i: records[i]["lastModified"], reverse=True)[:within or self.recent]
+        return [i for i in newest if records[i]["RecordId"] not in self.pinned]
+
+    def _update(self, at: str) -> None:
+        movable = self._movable()
+        if movable:
+            i = self.rng.choice(movable)
+            self._replace(i, update(self.view.records[i], at=at, Status=self.rng.choice(["New", "Contacted", "Qualified"])))
+
+    def _replace(self, i: int, record: dict) -> None:
+        old = self.view.records[i]
+        self.view.records[i] = record
+        self.log.append((time.time(), "replaced", old["lastSubmissionID"], old["lastModified"]))
+        self._note(record)
+
+    def _update_beside(self, at: str) -> None:
+        """A new version of a recent record on top of the view, the old one left where it was.
+
+        The old one is stamped before this burst (a tie would order the two by arrival, which the view's order
+        gets right anyway) and as recent as may be, so that the agent has often not read it yet.
+        """
+        records = self.view.records
+        older = [i for i in self._newest() if records[i]["lastModified"] < at]
+        fresh = [i for i in older if self.born[records[i]["lastSubmissionID"]] >= self.bursts - 2]
+        if older:
+            old = records[self.rng.choice(fresh or older[:12])]
+            record = update(old, at=at, Status="Beside")
+            self.view.records.append(record)
+            self._note(record, "beside")
+            self.kept.append((old["lastSubmissionID"], record["lastSubmissionID"]))
+            if self.rng.random() < 0.75:  # else it stays for good
+                self._remove_at[old["lastSubmissionID"]] = self.bursts + self.rng.randint(2, 40)
+
+    def _delete_newest(self, n: int, rng: random.Random | None = None, within: int | None = None) -> int:
+        newest = self._newest(within)
+        doomed = sorted((rng or self.rng).sample(newest, min(n, len(newest))), reverse=True)
+        for i in doomed:
+            gone = self.view.records.pop(i)
+            self.deleted.append(gone["lastSubmissionID"])
+            self.log.append((time.time(), "deleted", gone["lastSubmissionID"], gone["lastModified"]))
+        return len(doomed)
+
+    def _remove_due(self) -> None:
+        """Remove the kept older versions whose time has come (unless an update or a deletion took them already)."""
+        due = {version for version, burst in self._remove_at.items() if burst <= self.bursts}
+        if not due:
+            return
+        for version in due:
+            del self._remove_at[version]
+        for i in reversed(range(len(self.view.records))):
+            if self.view.records[i]["lastSubmissionID"] in due:
+                gone = self.view.records.pop(i)
+                self.log.append((time.time(), "removed", gone["lastSubmissionID"], gone["lastModified"]))
 
 
 @dataclass
@@ -303,13 +478,14 @@ concurrency = @CONCURRENCY@
 [sources.leads]
 kind = "rest"
 url = "@VIEW@"
-every = "0.3s"
+every = "1s"  # the shortest allowed
 id = "lastSubmissionID"
 updated = "lastModified"
 entity = "RecordId"
 first_run = "deliver"
 timeout = "@VIEW_TIMEOUT@"
 params = { since = "{{ cursor }}" }
+overlap = "@OVERLAP@"
 auth = { kind = "basic", username = "integration", password = "${VIEW_PASSWORD}" }
 paging = { kind = "page", param = "page", size_param = "pageSize", size = 10, start = 1 }
 
@@ -343,11 +519,11 @@ source = "leads"
 """
 
 
-def write_config(folder: Path, view_url: str, sink_url: str, *, concurrency: int = 4,
+def write_config(folder: Path, view_url: str, sink_url: str, *, concurrency: int = 4, overlap: float = 60.0,
                  view_timeout: float = VIEW_TIMEOUT, sink_timeout: float = SINK_TIMEOUT) -> Path:
     cfg = folder / "agent.toml"
     text = CONFIG
-    for name, value in {"@VIEW@": view_url, "@SINK@": sink_url, "@CONCURRENCY@": str(concurrency),
+    for name, value in {"@VIEW@": view_url, "@SINK@": sink_url, "@CONCURRENCY@": str(concurrency), "@OVERLAP@": f"{overlap}s",
                         "@VIEW_TIMEOUT@": f"{view_timeout}s", "@SINK_TIMEOUT@": f"{sink_timeout}s"}.items():
         text = text.replace(name, value)
     cfg.write_text(text)
@@ -359,16 +535,30 @@ def agent_env(**extra: str) -> dict[str, str]:
     return {**env, "VIEW_PASSWORD": PASSWORD, "CRM_TOKEN": TOKEN, **extra}
 
 
+@dataclass(frozen=True)
+class LedgerExecution:
+    """An execution as the judge reads it; ``created`` (when it was admitted) is on the agent's clock, epoch seconds."""
+
+    id: int
+    key: str
+    entity: str
+    status: str
+    created: float
+
+
 def read_ledger(path: Path) -> dict[str, Any]:
-    """The ledger's records and executions, read-only (the agent must be stopped or beside it)."""
+    """The ledger's records, executions, polls and cursor, read-only (the agent must be stopped or beside it)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:
         records = conn.execute("SELECT key, id, version FROM records").fetchall()
-        executions = conn.execute("SELECT id, key, entity, status, attempts, last_error FROM executions ORDER BY id").fetchall()
+        executions = [LedgerExecution(*row) for row in conn.execute(
+            "SELECT id, key, entity, status, created FROM executions ORDER BY id")]
         polls = conn.execute("SELECT COUNT(*), SUM(finished IS NOT NULL AND error IS NULL), SUM(pages) FROM polls").fetchone()
+        good_polls = conn.execute("SELECT id, started, finished FROM polls WHERE finished IS NOT NULL AND error IS NULL ORDER BY id").fetchall()
+        cursor = conn.execute("SELECT value FROM cursors WHERE source = 'leads'").fetchone()
     finally:
         conn.close()
-    return {"records": records, "executions": executions, "polls": polls}
+    return {"records": records, "executions": executions, "polls": polls, "good_polls": good_polls, "cursor": cursor[0] if cursor else None}
 
 
 def count_firings(log: Path) -> collections.Counter:
@@ -380,21 +570,25 @@ class Storm:
 
     def __init__(self, folder: Path, *, kills: int = 20, seed: int = 4, min_firings: int = 2,
                  points: tuple[str, ...] = POINTS, plant: str | None = None, concurrency: int = 4,
-                 view_fault_rate: float = 0.08, sink_rates: dict[str, float] | None = None,
+                 view_fault_rate: float = 0.1, sink_rates: dict[str, float] | None = None,
                  base_chance: float = 0.01, focus_chance: float = 0.3, initial: int = 30,
-                 bursts_per_tick: int = 4, drain_timeout: float = 60.0, time_limit: float | None = None):
+                 bursts_per_tick: int = 4, view_changes: dict[str, float] | None = None, overlap: float = 5.0,
+                 drain_timeout: float = 60.0, time_limit: float | None = None):
         self.folder = folder
         self.kills, self.seed, self.min_firings, self.points, self.plant = kills, seed, min_firings, points, plant
-        self.concurrency = concurrency
+        self.concurrency, self.overlap = concurrency, overlap
         self.base_chance, self.focus_chance = base_chance, focus_chance
         self.initial, self.drain_timeout = initial, drain_timeout
         self.time_limit = time_limit if time_limit is not None else 45.0 + 4.0 * kills
         self.rng = random.Random(seed)
         self.view_faults = ChaosView(random.Random(seed + 1), view_fault_rate, slow=VIEW_TIMEOUT + LATE)
         self.sink = ChaosSink(random.Random(seed + 2), sink_rates or {"503": 0.07, "429": 0.05, "drop": 0.06, "slow": 0.02}, slow=SINK_TIMEOUT + LATE)
-        self.view = ViewServer(make_leads(initial, start=START, step=0), paging="page", page_size=10,
-                               username="integration", password=PASSWORD)
-        self.mutator = Mutator(self.view, random.Random(seed + 3), bursts_per_tick=bursts_per_tick)
+        records = make_leads(initial + 1, start=START, step=0)
+        self.far_future = records[-1] = {**records[-1], "lastModified": FAR_FUTURE}  # set here, not by update(): its clock stays sane
+        self.view = ViewServer(records, paging="page", page_size=10, username="integration", password=PASSWORD)
+        self.mutator = Mutator(self.view, random.Random(seed + 3), bursts_per_tick=bursts_per_tick,
+                               pinned=frozenset({self.far_future["RecordId"]}), **(view_changes or {}))
+        self.view_faults.before_page = self.mutator.while_paging
         self.logs = folder / "logs"
         self.firing_log = folder / "failpoints.log"
         self.generations: list[Generation] = []
@@ -472,7 +666,7 @@ class Storm:
             for server in (self.view._server, self.sink._server):  # clients killed mid-request are expected here
                 server.handle_error = lambda request, address: None
             self.view.fail_with(self.view_faults)
-            self.cfg = write_config(self.folder, self.view.url, self.sink.url, concurrency=self.concurrency)
+            self.cfg = write_config(self.folder, self.view.url, self.sink.url, concurrency=self.concurrency, overlap=self.overlap)
             self.mutator.start()
             try:
                 self._storm(started)
@@ -575,6 +769,10 @@ class Storm:
         events = self.sink.events
         with open(self.folder / "sink-events.jsonl", "w") as f:  # for a post-mortem beside logs/ and var/agent.db
             f.writelines(json.dumps(e.__dict__) + "\n" for e in events)
+        view_log = [{"at": at, "change": what, "version": version, "modified": modified} for at, what, version, modified in self.mutator.log]
+        view_log += [{"at": at, "request": path, "answer": kind} for at, path, kind in self.view_faults.log]
+        with open(self.folder / "view-log.jsonl", "w") as f:  # what the view did and was asked, on the agent's clock
+            f.writelines(json.dumps(entry) + "\n" for entry in sorted(view_log, key=lambda entry: entry["at"]))
         (self.folder / "generations.json").write_text(json.dumps(
             [{"index": g.index, "kind": g.kind, "spec": g.spec, "start": g.start, "end": g.end, "signal": g.signal,
               "exit": g.proc.returncode, "firings": g.firings} for g in self.generations], indent=1))
@@ -591,7 +789,7 @@ class Storm:
             problems.append(f"current version {version} of record {current[version]} was never delivered")
         for version in sorted(delivered - admitted)[:20]:
             problems.append(f"version {version} was delivered but the ledger has no record of it")
-        leftover = collections.Counter(status for _i, _k, _e, status, _a, _err in executions if status != "succeeded")
+        leftover = collections.Counter(ex.status for ex in executions if ex.status != "succeeded")
         if leftover:
             problems.append(f"executions not succeeded after draining: {dict(leftover)}")
 
@@ -609,16 +807,6 @@ class Storm:
         for key, versions in versions_of_key.items():
             if key and len(versions) > 1:
                 problems.append(f"key {key} was used for {len(versions)} different versions: {sorted(map(str, versions))[:4]}")
-
-        # versions of one entity go out in the order they were admitted
-        first_accept = {e.version: e.t for e in reversed(events) if e.kind == "accepted"}
-        per_entity: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
-        for ex_id, key, entity, _s, _a, _err in executions:
-            per_entity[entity].append((ex_id, key))
-        for entity, rows in per_entity.items():
-            times = [first_accept[k] for _i, k in sorted(rows) if k in first_accept]
-            if times != sorted(times):
-                problems.append(f"record {entity}: versions were delivered out of the order they were admitted")
 
         # repeated keys are explained by the faults
         replays = [e for e in events if e.kind == "replay"]
@@ -691,4 +879,101 @@ class Storm:
             "replays vs drops + slow + kills + after_send firings (not asserted: one kill can orphan up to `concurrency` sends)":
                 f"{len(replays)} vs {drops + slows + sum(g.signal == 'KILL' for g in self.generations) + firings['after_send']}",
             "unexplained replays": unexplained,
+        })
+        self._judge_skips(ledger, admitted)
+        self._judge_order(executions, events)
+        self._judge_view(ledger, executions, delivered)
+
+    def _judge_skips(self, ledger: dict[str, Any], admitted: set[str]) -> None:
+        """A version that was in the view all through a good poll whose range held it, and that the cursor then passed, was admitted.
+
+        Versions replaced or deleted later are not "current" at the end: without this check, one such poll skipped
+        would go unnoticed. The range is the ``since`` of the poll's requests; the cursor it left, the ``since`` of
+        the next request (or the ledger's cursor after the last poll).
+        """
+        requests = [(at, parse_qs(urlsplit(path).query).get("since", [""])[-1]) for at, path, _kind in self.view_faults.log]
+        shown: dict[str, tuple[float, float, str]] = {}  # version -> (in the view from, until, lastModified)
+        for at, what, version, modified in self.mutator.log:
+            if what in ("made", "beside"):
+                shown[version] = (at, float("inf"), modified)
+            elif version in shown:
+                shown[version] = (shown[version][0], at, modified)
+        skipped: dict[str, str] = {}
+        for poll, started, finished in ledger["good_polls"]:
+            during = [since for at, since in requests if started <= at <= finished]
+            if not during:
+                continue
+            since = max(during)
+            after = next((cursor for at, cursor in requests if at > finished), ledger["cursor"] or "")
+            for version, (came, went, modified) in shown.items():
+                if version not in admitted and version not in skipped and came <= started and went >= finished and since <= modified < after:
+                    skipped[version] = (f"version {version} ({modified}) was in the view all through poll {poll}, which read from "
+                                        f"{since or 'the start'} and moved the cursor past it (to {after}), but was never admitted")
+        self.report.problems.extend(list(skipped.values())[:10])
+        if len(skipped) > 10:
+            self.report.problems.append(f"... {len(skipped)} versions skipped by a poll in all")
+        self.report.figures["versions a good poll skipped though the cursor passed them (asserted: 0)"] = len(skipped)
+
+    def _judge_order(self, executions: list[LedgerExecution], events: list[SinkEvent]) -> None:
+        """Versions of one entity go out in the order of their lastModified (ties: the order admitted).
+
+        A version the agent admitted only after a newer one was first sent cannot hold that one back (the poll that
+        read the newer one failed before the older one's page, say): such pairs are counted, not problems. No poll
+        runs while a delivery is in flight, so "admitted before the newer one's first request reached the sink" is
+        "admitted before it was first claimed".
+        """
+        problems, made = self.report.problems, self.mutator.modified
+        first_accept = {e.version: e.t for e in reversed(events) if e.kind == "accepted"}
+        first_sent = {e.version: e.wall for e in reversed(events) if e.version is not None}
+        for e in events:
+            if e.kind == "accepted" and e.version in made and e.modified != made[e.version]:
+                problems.append(f"version {e.version} went out with lastModified {e.modified!r}, the view made it {made[e.version]!r}")
+        per_entity: dict[str, list[LedgerExecution]] = collections.defaultdict(list)
+        for ex in executions:
+            if ex.key in first_accept:
+                per_entity[ex.entity].append(ex)
+        held, unread, stale = [], [], []
+        for entity, rows in per_entity.items():
+            rows.sort(key=lambda ex: (made.get(ex.key, ""), ex.id))
+            if max(rows, key=lambda ex: first_accept[ex.key]) is not rows[-1]:
+                stale.append(entity)  # the sink's last write for the record is not its newest version
+            for i, older in enumerate(rows):
+                for newer in rows[i + 1:]:
+                    if first_accept[newer.key] < first_accept[older.key]:
+                        known = older.created <= first_sent[newer.key]
+                        (held if known else unread).append((entity, older, newer))
+        for entity, older, newer in held[:10]:
+            problems.append(f"record {entity}: version {newer.key} ({made.get(newer.key)}, execution {newer.id}) was delivered before "
+                            f"the older version {older.key} ({made.get(older.key)}, execution {older.id}), which was admitted "
+                            f"{first_sent[newer.key] - older.created:.3f}s before the newer one was first sent")
+        if len(held) > 10:
+            problems.append(f"... {len(held)} versions delivered out of the order of their lastModified in all")
+        self.report.figures["versions delivered out of order (asserted: 0)"] = len(held)
+        self.report.figures["newer versions sent before an older one was admitted (not asserted)"] = (
+            f"{len(unread)}" + "".join(f"; {entity}: {newer.key} sent {older.created - first_sent[newer.key]:.2f}s before "
+                                      f"{older.key} was admitted" for entity, older, newer in unread[:3]))
+        self.report.figures["records whose last delivery is not their newest version (not asserted)"] = (
+            f"{len(stale)}" + (f": {', '.join(stale[:5])}" if stale else ""))
+
+    def _judge_view(self, ledger: dict[str, Any], executions: list[LedgerExecution], delivered: set[str]) -> None:
+        """The cursor moved but never past the view's newest usable time; what the far-future, kept and deleted records became."""
+        problems, figures, mutator = self.report.problems, self.report.figures, self.mutator
+        admitted = {ex.key: ex.id for ex in executions}
+        cursor = ledger["cursor"]
+        newest = max(at for at in mutator.modified.values() if at != FAR_FUTURE)
+        if cursor is None:
+            problems.append("the cursor never moved: the storm did not exercise it (is the view dated in the agent's future?)")
+        elif cursor > newest:  # ISO text of one format: text order is time order
+            problems.append(f"the cursor is {cursor!r}, past the newest lastModified the view ever had but {FAR_FUTURE} ({newest})")
+        far = self.far_future["lastSubmissionID"]
+        both = [(older, newer) for older, newer in mutator.kept if {older, newer} <= delivered & admitted.keys()]
+        reordered = sum(admitted[newer] < admitted[older] for older, newer in both)
+        figures.update({
+            "view clock": f"{START} .. {_stamp(mutator.now)} ({mutator.held_back} ticks held back behind the real clock)",
+            "cursor at the end": cursor,
+            f"far-future record ({FAR_FUTURE}) delivered": far in delivered,
+            "versions kept beside their successor (both delivered, of which the newer was admitted first)": f"{len(mutator.kept)} ({len(both)}, {reordered})",
+            "versions deleted from the view (while a later page was asked for; admitted, delivered)":
+                f"{len(mutator.deleted)} ({mutator.deleted_while_paging}; {len(set(mutator.deleted) & set(admitted))}, {len(set(mutator.deleted) & delivered)})",
+            "polls that read the view again after it shifted": sum(g.err.read_text().count("reading it again") for g in self.generations),
         })

@@ -1,7 +1,10 @@
 """The fault suite (issue 4): the kill storm and its negative controls, two agents at once, a full disk, a damaged ledger.
 
 All of it runs the real CLI as subprocesses against a real view server and a real
-idempotent HTTP sink on 127.0.0.1 (see ``storm.py`` for how the storm works).
+idempotent HTTP sink on 127.0.0.1 (see ``storm.py`` for how the storm works). The
+storm's view changes while it is polled: records are added, updated (sometimes
+with the old version left beside the new one, on a later page), deleted (also
+while a poll pages through it), and one record is dated 9999-12-31 throughout.
 
 The storm's size is a parameter: ``STORM_KILLS`` (default 20, the CI size),
 ``STORM_SEED`` (default 4), ``STORM_MIN_FIRINGS`` (how often every failpoint
@@ -10,8 +13,10 @@ must fire: 2 by default, 10 from 100 kills on). A long run by hand:
     STORM_KILLS=200 .venv/bin/python -m pytest tests/test_fault_storm.py -s -k kill_storm
 
 ``STORM_CONTROLS=all`` runs every negative control (a planted bug the storm must
-catch), not only the fresh-key one; ``STORM_PAIRS`` sets how many pairs of agents
-race for one ledger (default 5).
+catch: a fresh key per attempt, done before sent, a resend, a cursor without
+overlap, a cursor moved by a far-future date, pages trusted though the view
+shifted under them, versions ordered by arrival), not only the fresh-key one;
+``STORM_PAIRS`` sets how many pairs of agents race for one ledger (default 5).
 """
 from __future__ import annotations
 
@@ -52,17 +57,25 @@ CONTROLS = {
     "done_before_send": ({"points": ("after_claim",)}, "was never delivered"),
     "cursor_gt": ({"points": (), "base_chance": 0}, "current version"),
     "resend_sent": ({"points": (), "base_chance": 0}, "sent again by the same agent process"),
+    "future_cursor": ({"points": (), "base_chance": 0}, "current version"),
+    # longer storms, with a new time every burst, fewer failed polls and many deletions while paging: a skipped
+    # record is lost only when a poll that skipped it moves the cursor past it
+    "no_reread": ({"points": (), "base_chance": 0, "kills": 10, "bursts_per_tick": 1, "view_fault_rate": 0.05,
+                   "view_changes": {"paging_delete_chance": 0.7}}, "current version"),
+    # ... and most updates beside the old version: a pair whose newer version is read first is needed
+    "arrival_order": ({"points": (), "base_chance": 0, "kills": 10, "view_changes": {"keep_chance": 0.5}},
+                      "was delivered before the older version"),
 }
 
 
-# CI plants the bug the guarantee hinges on; STORM_CONTROLS=all plants every one (about 25 s more).
+# CI plants the bug the guarantee hinges on; STORM_CONTROLS=all plants every one (about 2 minutes more).
 PLANTS = sorted(CONTROLS) if os.environ.get("STORM_CONTROLS") == "all" else ["fresh_key"]
 
 
 @pytest.mark.parametrize("plant", PLANTS)
 def test_the_storm_catches_a_planted_bug(tmp_path, plant):
     options, expected = CONTROLS[plant]
-    report = Storm(tmp_path, kills=3, seed=SEED, plant=plant, drain_timeout=20, **options).run()
+    report = Storm(tmp_path, **{"kills": 3, "seed": SEED, "plant": plant, "drain_timeout": 20, **options}).run()
     print(f"\nplanted bug {plant}:\n{report.text()}")
     assert report.has(expected), report.text()
 
