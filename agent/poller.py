@@ -164,7 +164,7 @@ class _PollState:
     highest: Stamp | None = None
     highest_raw: Any = None
     unusable: list = field(default_factory=list)  # (record key, value, why) of new records whose `updated` cannot move the cursor
-    first: tuple | None = None  # page 1's record signatures and total, as this pass read them
+    checking: Stamp | bool | None = None  # a pass after the first: what the earlier pass had read up to (True: no time to go by)
     previous: set = field(default_factory=set)
     shifted: str = ""  # why this pass cannot be trusted to have read every record
     truncated: bool = False
@@ -259,17 +259,21 @@ class Poller:
             raise RenderError(f"params: {error}") from None
         state.source = self._reader(name, cfg, context)
         for number in range(1, MAX_PASSES + 1):
-            state.previous, state.shifted, state.first, pages = set(), "", None, 0
+            state.previous, state.shifted, pages = set(), "", 0
             for page in state.source.pages(params):
                 self.failpoint("after_fetch")
                 self._page(name, cfg, page, state, result, log)
-                pages += 1
+                pages += bool(page.records)  # the empty page that ends paging is not a page of the view
                 self.progress(f"poll {name}: page {page.number}, {result.fetched} records, {result.new + result.primed} new")
-            if not state.shifted and pages > 1 and not state.truncated:
-                state.shifted = self._moved(name, cfg, params, state)
-            if not state.shifted or number == MAX_PASSES:
+            # Records that leave the view while it is paged move others up onto pages already read: those are skipped,
+            # and a cursor past them loses them for good. So a paged read that moves the cursor is read once more; it is
+            # sound when that read finds nothing new but versions newer than the first read (or new records at the top).
+            verify = number == 1 and pages > 1 and not state.truncated and not state.shifted and _uses_cursor(cfg)
+            if not (state.shifted or verify) or number == MAX_PASSES:
                 return
-            log.info("{}: {}; reading it again (pass {})", name, state.shifted, number + 1)
+            state.checking = state.highest or True
+            if state.shifted:
+                log.info("{}: {}; reading it again (pass {})", name, state.shifted, number + 1)
 
     def _reader(self, name: str, cfg: SourceConfig, context: dict[str, Any]) -> Any:
         """The source, or for a templated ``url`` a copy of it reading the rendered URL (same session, same worker)."""
@@ -281,34 +285,13 @@ class Poller:
         reader.config = cfg.model_copy(update={"url": rendered})
         return reader
 
-    def _moved(self, name: str, cfg: SourceConfig, params: dict[str, str], state: "_PollState") -> str:
-        """Read page 1 again: if records left the view or moved up while it was paged, some may have been skipped."""
-        pages = state.source.pages(params)
-        try:
-            again = next(pages, None)
-        finally:
-            pages.close()
-        if again is None or state.first is None:
-            return ""
-        before, total_before = state.first
-        after, total_after = _signatures(again.records, cfg), again.meta.get("total")
-        if before == after and total_before == total_after:
-            return ""
-        for added in range(1, len(after)):  # only new records pushed in at the top, the old top still there below them
-            if after[added:] == before[:len(after) - added] and not set(after[:added]) & set(before):
-                inserted = not self.ledger.seen(name, set(after[:added]))  # a key seen before moved up: not an insertion
-                if inserted and (total_before is None or total_after is None or total_after == total_before + added):
-                    return ""
-                break
-        return "the view changed while it was paged (records left it or moved up a page)"
-
     def _page(self, name: str, cfg: SourceConfig, page: Page, state: "_PollState", result: PollResult, log) -> None:
         """Identify, quarantine and admit one page; note the highest usable `updated` and any shift."""
-        if page.number == 1:
-            state.first = (_signatures(page.records, cfg), page.meta.get("total"))
         known = self._known(name, cfg, page.records)
         good: list[Admission] = []
         keys: set[str] = set()
+        places: dict[str, int] = {}  # key -> position, for the check of a later pass
+        bad: set[int] = set()
         for position, record in enumerate(page.records):
             seen = known.get(position)
             if seen is not None:  # seen before: it passed every check when it was admitted
@@ -318,7 +301,9 @@ class Poller:
             try:
                 item = identify(record, cfg)
             except BadRecord as error:
-                self._quarantine(name, page, position, record, str(error), result, log)
+                if state.checking is None:  # a later pass of the same poll meets it again: quarantined once per poll
+                    self._quarantine(name, page, position, record, str(error), result, log)
+                bad.add(position)
                 continue
             item.context["cursor"] = state.cursor
             stamp = self._note_updated(cfg, record, state, item.key)
@@ -327,6 +312,9 @@ class Poller:
             item.prime = state.priming is not None and not (item.version_at is not None and item.version_at > state.priming)
             good.append(item)
             keys.add(item.key)
+            places.setdefault(item.key, position)
+        if state.checking and good and not state.shifted:
+            state.shifted = self._skipped(name, cfg, page, good, places, bad, state)
         if keys & state.previous:  # only the previous page is kept: memory stays bounded by a page
             state.shifted = "the view's order shifted while it was paged (a record showed on two pages)"
         state.previous = keys
@@ -345,6 +333,30 @@ class Poller:
         result.superseded += admitted.superseded
         result.rekeyed += admitted.rekeyed
         log.debug("{} page {}: {} records, {} new", name, page.number, len(page.records), admitted.new + admitted.primed)
+
+    def _skipped(self, name: str, cfg: SourceConfig, page: Page, good: list[Admission], places: dict[str, int],
+                 bad: set[int], state: "_PollState") -> str:
+        """In a later pass: why a record new to the ledger is one the earlier pass skipped (empty: it is simply new).
+
+        New since the earlier pass is a version dated after everything it read, or, without a usable date,
+        a record at the top of page 1 (above every record read before)."""
+        held = self.ledger.seen(name, {item.key for item in good})
+        top = 0
+        if page.number == 1:
+            fresh = {places[item.key] for item in good if item.key not in held} | bad
+            while top in fresh:
+                top += 1
+        newer = state.checking.seconds if isinstance(state.checking, Stamp) else None
+        skipped = "records left the view while it was paged: a record the earlier read skipped turned up"
+        for item in good:
+            if item.key in held:
+                continue
+            if newer is not None and item.version_at is not None:  # dated: its time tells
+                if item.version_at <= newer:
+                    return skipped
+            elif not (page.number == 1 and places[item.key] < top):
+                return skipped
+        return ""
 
     def _note_updated(self, cfg: SourceConfig, record: Any, state: "_PollState", new_key: str | None) -> Stamp | None:
         """Let an admitted record's `updated` raise the cursor when it is a time of the cursor's kind and not in the future.
@@ -463,12 +475,7 @@ def source_identity(cfg: SourceConfig) -> dict:
 _KINDS = {"iso": "ISO 8601 text", "epoch_s": "epoch seconds", "epoch_ms": "epoch milliseconds"}
 
 
-def _signatures(records: list, cfg: SourceConfig) -> list[str]:
-    """A page's records as comparable keys: the dedupe key where there is one, else the content hash."""
-    out = []
-    for record in records:
-        try:
-            out.append(content_hash(record) if cfg.dedupe == "content" else dedupe_key(record, cfg)[1])
-        except BadRecord:
-            out.append(content_hash(record))
-    return out
+def _uses_cursor(cfg: SourceConfig) -> bool:
+    """Whether the source asks the view for what changed since the cursor (so a skipped record would stay behind it)."""
+    templates = [*(getattr(cfg, "params", None) or {}).values(), getattr(cfg, "url", "") or ""]
+    return any("cursor" in str(template) for template in templates)

@@ -178,9 +178,28 @@ def test_records_deleted_while_paging_do_not_make_others_be_skipped(tmp_path, ca
         cfg = write_config(tmp_path, view.url)
         code, out, err = cli(capfd, cfg, "run", "--once")
         assert code == 0, err
-        assert "changed while it was paged" in err
+        assert "records left the view while it was paged" in err
         cli(capfd, cfg, "run", "--once")
     assert sorted(ids(delivered(cfg))) == sorted(ids(leads))  # the 10 deleted ones had been read on page 1
+
+
+def test_a_record_deleted_deeper_than_page_1_while_paging_makes_no_other_be_skipped(tmp_path, capfd):
+    """The kill storm found it: without `paging.total`, page 1 read again looks the same; the second read finds the gap."""
+    leads = make_leads(25, start="2026-11-20T10:00:00Z")
+    with ViewServer(leads, page_size=10) as view:
+        def delete_from_page_2(handler):
+            if "page=3&" in handler.path + "&" and not getattr(delete_from_page_2, "done", False):
+                delete_from_page_2.done = True
+                newest_first = sorted(view.records, key=lambda r: r["lastModified"], reverse=True)
+                view.records = [r for r in view.records if r is not newest_first[12]]  # read on page 2 already
+            handler.serve()
+
+        view.fail_with(delete_from_page_2)
+        cfg = write_config(tmp_path, view.url)
+        code, out, err = cli(capfd, cfg, "run", "--once")
+        assert code == 0 and "records left the view while it was paged" in err, err
+        cli(capfd, cfg, "run", "--once")
+    assert sorted(ids(delivered(cfg))) == sorted(ids(leads))
 
 
 def test_new_records_arriving_at_the_top_while_paging_keep_the_cursor_moving(tmp_path, capfd):
@@ -195,7 +214,7 @@ def test_new_records_arriving_at_the_top_while_paging_keep_the_cursor_moving(tmp
         view.fail_with(insert_once)
         cfg = write_config(tmp_path, view.url)
         code, out, err = cli(capfd, cfg, "run", "--once")
-        assert code == 0 and "changed while it was paged" not in err
+        assert code == 0 and "left the view" not in err
         cursor = Ledger(tmp_path / "var" / "agent.db", hold=False).cursor("leads")["value"]
     assert cursor == "2026-11-21T10:01:00Z"  # insertions only push records down: the cursor moves
     assert len(delivered(cfg)) == 33
