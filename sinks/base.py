@@ -145,7 +145,10 @@ def header_safe(value: str) -> bool:
     except Exception:  # a malformed encoded word is not safe to pass on
         return False
     for part, charset in parts:
-        text = part.decode(charset or "latin-1", "replace") if isinstance(part, bytes) else part
+        try:
+            text = part.decode(charset or "latin-1", "replace") if isinstance(part, bytes) else part
+        except LookupError:  # an encoded word in a charset Python does not know: not safe to pass on
+            return False
         if _CONTROL.search(text):
             return False
     return True

@@ -449,3 +449,10 @@ def test_a_body_that_is_not_json_fails(mocked):
 def test_classify_a_raw_socket_error():
     outcome = classify("POST /x", ConnectionRefusedError(111, "Connection refused"), NOW)
     assert (outcome.status, outcome.condition, outcome.error) == ("retryable", "connection", "POST /x: connection failed (Connection refused)")
+
+
+def test_a_static_header_with_an_encoded_word_of_an_unknown_charset_is_refused_not_a_crash():
+    from sinks.base import header_safe
+
+    assert header_safe("=?x-unknown?q?hi?=") is False  # decoding it raised LookupError before
+    assert header_safe("=?utf-8?q?hi?=") is True
