@@ -97,7 +97,12 @@ def m003_config_versions(db: Database) -> None:
     db["records"].create_index(["source", "hash"])  # re-keying: a version known under the previous identity
 
 
-SCHEMA_VERSION = 3
+@migrations()
+def m004_counts_by_flow(db: Database) -> None:
+    db["executions"].create_index(["flow", "status"])  # status, /healthz and /metrics count by flow and status
+
+
+SCHEMA_VERSION = 4
 TOUCH_EVERY = 3600.0  # a re-shown key's last_seen is refreshed at most this often (a write per page, not per poll)
 _UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
 

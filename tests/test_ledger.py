@@ -24,7 +24,7 @@ def test_fresh_file_is_created_migrated_and_private(tmp_path):
     path = tmp_path / "var" / "agent.db"
     with Ledger(path) as led:
         assert set(led.db.table_names()) >= {"records", "executions", "attempts", "cursors", "polls", "meta", "quarantine"}
-        assert led.db["meta"].get("schema_version")["value"] == "3"
+        assert led.db["meta"].get("schema_version")["value"] == "4"
         assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     for name in ("agent.db", "agent.db-wal", "agent.db-shm"):
@@ -316,7 +316,7 @@ def test_an_old_ledger_migrates_forward_and_keeps_its_records(tmp_path):
     db.conn.close()
     with Ledger(path) as led:
         assert led.seen("s", {"k"}) == {"k": NOW}
-        assert led.db["meta"].get("schema_version")["value"] == "3"
+        assert led.db["meta"].get("schema_version")["value"] == "4"
     assert sqlite3.connect(path).execute("SELECT last_seen FROM records").fetchone() == (None,)
 
 
