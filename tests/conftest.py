@@ -24,3 +24,18 @@ def _signal_handlers():
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `agent ...` in this process; give back (exit status, stdout, stderr); its logging is undone after."""
+    from agent.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        status = main(list(args))
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    yield run
+    logger.remove()  # main() routed loguru to this test's captured stderr, which is closed after the test
+    logger.add(sys.stderr)

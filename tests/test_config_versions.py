@@ -10,7 +10,6 @@ import pytest
 
 from agent.cli import main
 from sinkserver import SinkServer
-from viewserver import ViewServer, make_leads
 
 
 @pytest.fixture

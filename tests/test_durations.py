@@ -1,13 +1,9 @@
 """Every duration in agent.toml has bounds: a value outside them is a config error (exit 2), never a spin or a traceback."""
 from __future__ import annotations
 
-import signal
-import sys
 
 import pytest
-from loguru import logger
 
-from agent.cli import main
 from agent.config import load
 
 CONFIG = '''
@@ -89,23 +85,6 @@ def config_text(section: str = "", line: str = "") -> str:
     if section:
         slots[SECTIONS[section]] = line
     return CONFIG.format(**slots)
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `agent ...` in this process; give back (exit status, stdout, stderr), then undo its signal handlers and logging."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-
-    def run(*args: str) -> tuple[int, str, str]:
-        status = main(list(args))
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    yield run
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    logger.remove()
-    logger.add(sys.stderr)
 
 
 @pytest.mark.parametrize("case, value", CASES)

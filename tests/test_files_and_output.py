@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
-from agent.cli import main
 from sinks.base import Action
 from sinks.file import FileConnector
 from sinks.mailbox import MailboxConnector
@@ -24,23 +22,6 @@ from viewserver import ViewServer, make_leads
 WRITE = Action("record", "write")
 EVIL = "S1\n2026-01-01 00:00:00 | ERROR   | forged line\x1b]0;pwned\x07\x1b[2J\x9b31m"
 MESSAGE = {"to": "sales@example.org", "subject": "New lead", "text": "Ada wants a demo."}
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `agent ...` in this process; (status, stdout, stderr); its signal handlers and logging are undone after."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-
-    def run(*args: str) -> tuple[int, str, str]:
-        status = main(list(args))
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    yield run
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    logger.remove()
-    logger.add(sys.stderr)
 
 
 @pytest.fixture

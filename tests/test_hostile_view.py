@@ -1,12 +1,8 @@
 """A view that answers hostile values, through the real CLI in-process: the poll fails cleanly, what it admitted is delivered."""
 import json
-import signal
-import sys
 
 import pytest
-from loguru import logger
 
-from agent.cli import main
 from viewserver import ViewServer, make_leads
 
 HOSTILE_PORT = "http://127.0.0.1:99999/next?token=SECRET"
@@ -19,23 +15,6 @@ CASES = {
     "total a superscript two": ('{ kind = "page", size = 3, total = "total" }', "page", {"total": "²"}, {}),
     "total of 5,000 digits": ('{ kind = "page", size = 3, total = "total" }', "page", {"total": "9" * 5000}, {}),
 }
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `agent ...` in this process; give back (exit status, stdout, stderr), then undo its signal handlers and logging."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-
-    def run(*args: str) -> tuple[int, str, str]:
-        status = main(list(args))
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    yield run
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    logger.remove()  # main() routed loguru to this test's captured stderr, which is closed after the test
-    logger.add(sys.stderr)
 
 
 def write_config(tmp_path, view: ViewServer, paging: str):

@@ -3,7 +3,6 @@ all output and in every ledger row; a secret that cannot be sent safely, or a UR
 or hidden at config load."""
 import base64
 import json
-import signal
 import socket
 import sys
 import threading
@@ -12,7 +11,6 @@ import pytest
 from loguru import logger
 
 from agent import logs
-from agent.cli import main
 from agent.secrets import Masker, masked
 from sinkserver import SinkServer
 from state.ledger import Admission, Finish, Ledger
@@ -40,22 +38,11 @@ LEAKS = {
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run `agent ...` in this process with the secrets in its environment; (status, stdout, stderr)."""
+def cli(cli, monkeypatch):
+    """The in-process `agent ...` of conftest, with the secrets in its environment."""
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-
-    def run(*args: str) -> tuple[int, str, str]:
-        status = main(list(args))
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    yield run
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    logger.remove()  # main() routed loguru to this test's captured stderr
-    logger.add(sys.stderr)
+    return cli
 
 
 class EchoingSink(SinkServer):

@@ -15,9 +15,7 @@ import time
 import pydantic
 import pytest
 import requests
-from loguru import logger
 
-from agent.cli import main
 from sources.base import PageError
 from sources.file import FileSource
 from sources.rest import RestSource
@@ -25,23 +23,6 @@ from viewserver import ViewServer, make_leads
 
 DRIP_FOR = 3.0  # a dripping fault gives up after this long, so a test that fails cannot hang
 DRIP_EVERY = 0.05
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `agent ...` in this process; give back (exit status, stdout, stderr), then undo its signal handlers and logging."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-
-    def run(*args: str) -> tuple[int, str, str]:
-        status = main(list(args))
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    yield run
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    logger.remove()  # main() routed loguru to this test's captured stderr, which is closed after the test
-    logger.add(sys.stderr)
 
 
 def write_config(tmp_path, view: ViewServer, source: str = "", paging: str = '{ kind = "none" }'):
