@@ -27,13 +27,13 @@ def _signal_handlers():
 
 
 @pytest.fixture
-def cli(capsys):
+def cli(capfd):
     """Run `agent ...` in this process; give back (exit status, stdout, stderr); its logging is undone after."""
     from agent.cli import main
 
     def run(*args: str) -> tuple[int, str, str]:
         status = main(list(args))
-        out, err = capsys.readouterr()
+        out, err = capfd.readouterr()
         return status, out, err
 
     yield run

@@ -89,34 +89,29 @@ def read_request(conn: socket.socket) -> bytes:
     return head
 
 
-def drip_headers(seconds: float = 3.0) -> Script:
-    """A status line, then one header byte every STEP, for `seconds` at most."""
+def _drip(head: bytes, seconds: float) -> Script:
+    """Send `head`, then one byte every STEP, for `seconds` at most."""
     def script(conn: socket.socket) -> None:
-        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+        conn.sendall(head)
         for _ in range(int(seconds / STEP)):
             conn.sendall(b"x")
             time.sleep(STEP)
     return script
+
+
+def drip_headers(seconds: float = 3.0) -> Script:
+    """A status line, then one header byte every STEP, for `seconds` at most."""
+    return _drip(b"HTTP/1.1 200 OK\r\nX-Drip: ", seconds)
 
 
 def drip_body(seconds: float = 3.0) -> Script:
     """Headers promising a large body, then one body byte every STEP, for `seconds` at most."""
-    def script(conn: socket.socket) -> None:
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n")
-        for _ in range(int(seconds / STEP)):
-            conn.sendall(b"x")
-            time.sleep(STEP)
-    return script
+    return _drip(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n", seconds)
 
 
 def drip_until_close(seconds: float = 3.0) -> Script:
     """An answer without a length, ended by closing the connection, dripped a byte every STEP for `seconds` at most."""
-    def script(conn: socket.socket) -> None:
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n")
-        for _ in range(int(seconds / STEP)):
-            conn.sendall(b"x")
-            time.sleep(STEP)
-    return script
+    return _drip(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n", seconds)
 
 
 def silent(seconds: float = 3.0) -> Script:

@@ -14,26 +14,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
-from agent.cli import main
 from viewserver import make_leads
 
 HEAVY = ("pydantic", "pydantic_settings", "jinja2", "sqlite_utils", "loguru", "requests", "schedule",
          "agent.config", "agent.process", "state.ledger")
 
 
-@pytest.fixture
-def cli(capfd):
-    """`agent ...` in this process: (status, stdout, stderr); logging is put back afterwards."""
-    def run(*args: str) -> tuple[int, str, str]:
-        status = main(list(args))
-        out, err = capfd.readouterr()
-        return status, out, err
-
-    yield run
-    logger.remove()
-    logger.add(sys.stderr)
 
 
 def write_config(folder: Path, leads: list[dict]) -> Path:

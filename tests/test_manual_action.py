@@ -2,13 +2,10 @@
 import email
 import email.policy
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
-from agent.cli import main
 from sinkserver import SinkServer
 from test_cli_integration import PASSWORD, write_config
 from viewserver import ViewServer
@@ -18,19 +15,11 @@ LEAD = {"email": "ada@example.org", "name": "Ada Lovelace"}
 
 
 @pytest.fixture
-def cli(capfd, monkeypatch):
-    """`agent ...` in this process with the test config's secrets set: (status, stdout, stderr)."""
+def cli(cli, monkeypatch):
+    """The in-process `agent ...` of conftest, with the test config's secrets set."""
     monkeypatch.setenv("VIEW_PASSWORD", PASSWORD)
     monkeypatch.setenv("CRM_TOKEN", TOKEN)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        status = main(list(args))
-        out, err = capfd.readouterr()
-        return status, out, err
-
-    yield run
-    logger.remove()
-    logger.add(sys.stderr)
+    return cli
 
 
 @pytest.fixture

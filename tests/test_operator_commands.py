@@ -3,15 +3,12 @@ for real, bulk re-queues, newest-first listings with filters, one record's whole
 and messages that name the usual fix."""
 import json
 import ssl
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
-from agent.cli import main
 from sinkserver import SinkServer
 from smtpserver import SmtpServer, make_certificate
 from test_cli_integration import PASSWORD, write_config
@@ -22,19 +19,11 @@ FUTURE, PAST = "2999-01-01T00:00:00Z", "2000-01-01T00:00:00Z"
 
 
 @pytest.fixture
-def cli(capfd, monkeypatch):
-    """`agent ...` in this process with the test configs' secrets set: (status, stdout, stderr)."""
+def cli(cli, monkeypatch):
+    """The in-process `agent ...` of conftest, with the test config's secrets set."""
     monkeypatch.setenv("VIEW_PASSWORD", PASSWORD)
     monkeypatch.setenv("CRM_TOKEN", TOKEN)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        status = main(list(args))
-        out, err = capfd.readouterr()
-        return status, out, err
-
-    yield run
-    logger.remove()
-    logger.add(sys.stderr)
+    return cli
 
 
 @pytest.fixture

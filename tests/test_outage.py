@@ -18,6 +18,7 @@ from agent.config import load
 from agent.flows import UNREACHABLE_PROBE
 from agent.process import Agent
 from sinkserver import SinkServer
+from test_sink_hostile import write_config as sink_config
 
 N = 60
 
@@ -38,33 +39,9 @@ def closed_port() -> int:
 
 
 def write_config(folder: Path, port: int, records: int = N) -> Path:
-    (folder / "view.json").write_text(json.dumps({"records": [{"id": i, "email": f"u{i}@example.invalid"} for i in range(records)]}))
-    cfg = folder / "agent.toml"
-    cfg.write_text(f"""
-[agent]
-ledger = "agent.db"
-concurrency = 4
-[sources.leads]
-kind = "file"
-path = "view.json"
-id = "id"
-first_run = "deliver"
-[connectors.crm]
-kind = "http"
-base_url = "http://127.0.0.1:{port}"
-timeout = "5s"
-[connectors.crm.objects.leads]
-path = "/leads"
-[[flows]]
-name = "f"
-source = "leads"
-  [[flows.steps]]
-  kind = "action"
-  action = "crm > leads > create"
-  body = {{ email = "{{{{ record.email }}}}" }}
-  retry = {{ interval = "1h", jitter = false }}
-""")
-    return cfg
+    """N records POSTed to 127.0.0.1:`port`; a retry waits an hour, so only probes reach it during a test."""
+    return sink_config(folder, f"http://127.0.0.1:{port}", records=records, timeout="5s",
+                       retry='retry = { interval = "1h", jitter = false }')
 
 
 def status(cfg: Path, capfd, now: float | None = None, monkeypatch=None) -> tuple[int, dict]:
@@ -153,7 +130,7 @@ def test_run_once_against_a_closed_port_logs_a_line_not_a_flood_and_status_keeps
 
 def test_unreachable_after_is_a_config_key(tmp_path):
     cfg = write_config(tmp_path, closed_port())
-    cfg.write_text(cfg.read_text().replace("concurrency = 4", 'concurrency = 4\nunreachable_after = "2m"'))
+    cfg.write_text(cfg.read_text().replace('ledger = "agent.db"', 'ledger = "agent.db"\nunreachable_after = "2m"'))
     assert load(cfg).agent.unreachable_after == 120.0
 
 

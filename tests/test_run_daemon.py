@@ -11,6 +11,7 @@ import pytest
 from hostileserver import HostileServer, silent
 from sinkserver import SinkServer
 from test_cli_integration import PASSWORD, agent, write_config
+from test_sink_hostile import write_config as sink_config
 from viewserver import ViewServer, make_leads
 
 
@@ -110,31 +111,7 @@ def test_sighup_during_a_slow_delivery_finishes_the_step_and_exits_0(tmp_path):
 
 def stuck_config(folder, url: str):
     """One record to an http sink; the connector's timeout (a minute) is far longer than the test waits."""
-    (folder / "view.json").write_text(json.dumps({"records": [{"id": 1, "email": "ann@example.invalid"}]}))
-    cfg = folder / "agent.toml"
-    cfg.write_text(f"""
-[agent]
-ledger = "agent.db"
-[sources.leads]
-kind = "file"
-path = "view.json"
-id = "id"
-first_run = "deliver"
-[connectors.crm]
-kind = "http"
-base_url = "{url}"
-timeout = "60s"
-[connectors.crm.objects.leads]
-path = "/leads"
-[[flows]]
-name = "f"
-source = "leads"
-  [[flows.steps]]
-  kind = "action"
-  action = "crm > leads > create"
-  body = {{ email = "{{{{ record.email }}}}" }}
-""")
-    return cfg
+    return sink_config(folder, url, timeout="60s")
 
 
 @pytest.mark.parametrize("command", [["run"], ["run", "--once"]], ids=["run", "run-once"])

@@ -90,7 +90,8 @@ def test_a_huge_error_page_is_read_only_for_its_excerpt(session):
 # --- through the real CLI -----------------------------------------------------------------------------
 
 
-def write_config(folder: Path, url: str, *, records: int = 1, later_step: str = "", timeout: str = "300ms") -> Path:
+def write_config(folder: Path, url: str, *, records: int = 1, later_step: str = "", timeout: str = "300ms", retry: str = "") -> Path:
+    """A file view of `records` leads, each POSTed to `url`/leads (then `later_step`, if given); the ledger is `agent.db`."""
     (folder / "view.json").write_text(json.dumps({"records": [{"id": i, "email": f"u{i}@example.invalid"} for i in range(records)]}))
     cfg = folder / "agent.toml"
     cfg.write_text(f"""
@@ -117,6 +118,7 @@ source = "leads"
   kind = "action"
   action = "crm > leads > create"
   body = {{ email = "{{{{ record.email }}}}" }}
+  {retry}
 {later_step}
 """)
     return cfg
