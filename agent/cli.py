@@ -196,8 +196,6 @@ def _main(argv: list[str] | None) -> int:
     except sqlite3.Error as error:  # a read beside a running agent, say: the ledger cannot be used right now
         print(f"agent: {out.text(config.ledger_path)}: the ledger cannot be used ({out.text(error)})", file=sys.stderr)
         return LEDGER
-    except KeyboardInterrupt:
-        return OK
 
 
 def _agent(config: Config):

@@ -41,7 +41,7 @@ from agent.config import Config, ConfigError
 from agent.process import RunQueueFull
 from agent.secrets import Masker, masked
 from state.base import LedgerError
-from state.ledger import Ledger
+from state.ledger import FLOW_STATUSES, Ledger
 
 MAX_BODY = 64 * 1024  # bytes of a POST body
 MAX_CONNECTIONS = 32  # served at once; more are closed at once (a flood cannot pile up threads)
@@ -168,7 +168,7 @@ class Endpoint:
         for flow in self.config.flows:
             c = counts.get(flow.name, {})
             item = {"name": flow.name, "source": flow.source, "steps": len(flow.steps),
-                    "executions": {status: c.get(status, 0) for status in health.FLOW_STATUSES}}
+                    "executions": {status: c.get(status, 0) for status in FLOW_STATUSES}}
             if flow.name in paused:
                 item["paused_because"] = paused[flow.name]
             out.append(item)

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from agent.config import ActionStep, Config, FilterStep, FlowConfig, MapStep
 from agent.retry import RetryPolicy
-from agent.templates import RenderError, Templates, split_outside_tags
+from agent.templates import RenderError, Templates, split_outside_tags, templates_of
 from sinks.base import Action, Connector, Outcome
 from state.ledger import Execution, Finish
 
@@ -63,26 +63,9 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _strings(value: Any):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-
-
 def reads_steps(step: Any) -> bool:
     """Whether any template of a step mentions `steps` (the outputs of earlier steps)."""
-    if isinstance(step, FilterStep):
-        texts = [step.when]
-    elif isinstance(step, MapStep):
-        texts = list(_strings(step.fields))
-    else:
-        texts = list(_strings(step.inputs)) + list(_strings(step.body))
-    return any(_STEPS.search(text) for text in texts)
+    return any(_STEPS.search(template) for _, template, _ in templates_of(step))
 
 
 def excerpt_of(output: Any) -> Any:

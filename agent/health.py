@@ -16,7 +16,6 @@ if TYPE_CHECKING:  # `agent status` imports this module: only what it needs, whe
     from agent.config import Config
     from state.ledger import Ledger
 
-FLOW_STATUSES = ("pending", "running", "retrying", "paused", "succeeded", "filtered", "superseded", "failed", "dead")
 STALE_AFTER = 3  # intervals without a good poll
 
 
@@ -66,6 +65,8 @@ def _sources(config: Config, known: dict[str, dict], now: float, reasons: list[s
 
 
 def _flows(config: Config, counts: dict[str, dict[str, int]], paused: dict[str, str], reasons: list[str]) -> dict[str, dict]:
+    from state.ledger import FLOW_STATUSES  # the ledger is open already: no cost
+
     out = {}
     for flow in config.flows:
         c = counts.get(flow.name, {})

@@ -76,7 +76,7 @@ class Progress:
         import time
 
         self.stream = stream or sys.stderr  # today's stderr, not the one there was when this module was imported
-        self.enabled = hasattr(stream, "isatty") and stream.isatty()
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.clock = clock or time.monotonic
         self._last = 0.0
         self._shown = False

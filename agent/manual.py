@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,10 +100,6 @@ def read_input(input_file: Path, model: type[BaseModel], path: str) -> dict[str,
 
 def _connector(config: Config, name: str) -> Any:
     """The named connector, built as the agent builds it: its session carries the configured auth."""
-    import sinks
-    from agent.http import build_session
-    from agent.process import build
+    from agent.process import build_connector
 
-    cfg = config.connectors[name]
-    available = {"session": build_session(config.auth.get(f"connectors.{name}")), "clock": time.time, "base_dir": config.base_dir}
-    return build(sinks.connector_class(cfg.kind), cfg, available, f"connectors.{name}", str(config.path))
+    return build_connector(config, name)

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
-from state.ledger import STATUSES, Execution, Finish, Ledger
+from state.ledger import FLOW_STATUSES, Execution, Finish, Ledger
 
 POLL_OUTCOMES = ("ok", "failed")
 RECORD_KINDS = ("new", "duplicate", "primed", "quarantined")
@@ -102,9 +102,8 @@ class _LedgerGauges:
         executions = GaugeMetricFamily("sync_agent_executions", "Executions in the ledger, by flow and status.", labels=["flow", "status"])
         flows = [flow.name for flow in self.config.flows] + sorted(set(counts) - {flow.name for flow in self.config.flows})
         for flow in flows:
-            for status in STATUSES:
-                if status != "quarantined":  # quarantined records have no flow: sync_agent_records_total counts them
-                    executions.add_metric([flow, status], counts.get(flow, {}).get(status, 0))
+            for status in FLOW_STATUSES:  # quarantined records have no flow: sync_agent_records_total counts them
+                executions.add_metric([flow, status], counts.get(flow, {}).get(status, 0))
         yield executions
         last = GaugeMetricFamily("sync_agent_last_success_timestamp_seconds", "When a source's last good scheduled poll ended (epoch seconds).",
                                  labels=["source"])

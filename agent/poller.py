@@ -340,7 +340,8 @@ class Poller:
 
         New since the earlier pass is a version dated after everything it read, or, without a usable date,
         a record at the top of page 1 (above every record read before)."""
-        held = self.ledger.seen(name, {item.key for item in good})
+        # `good` holds only keys the ledger did not know (see _known), except under content dedupe, which looks nothing up first
+        held = self.ledger.seen(name, {item.key for item in good}) if cfg.dedupe == "content" else set()
         top = 0
         if page.number == 1:
             fresh = {places[item.key] for item in good if item.key not in held} | bad

@@ -29,7 +29,6 @@ from agent.config import Config, ConfigError
 from agent.flows import FlowRunner, unreachable_reason
 from agent.http import build_session
 from agent.logs import Progress
-from agent.metrics import Metrics
 from agent.poller import Poller, PollResult
 from agent.secrets import Masker
 from agent.timing import Daily, Every, Job, Timetable
@@ -59,18 +58,23 @@ def build(cls: type, cfg: Any, available: dict[str, Any], where: str, file: str)
 def build_plugins(config: Config, *, clock: Callable[[], float] = time.time, session_factory: Callable[..., Any] = build_session,
                   stopping: threading.Event | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Construct every configured source and connector with its session, clock, folder and the agent's stop request."""
-    file, pool = str(config.path), config.agent.concurrency
+    file = str(config.path)
     built_sources = {
         name: build(sources.source_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"sources.{name}")),
                                                           "base_dir": config.base_dir, "stopping": stopping}, f"sources.{name}", file)
         for name, cfg in config.sources.items()
     }
-    built_connectors = {
-        name: build(sinks.connector_class(cfg.kind), cfg, {"session": session_factory(config.auth.get(f"connectors.{name}"), pool),
-                                                           "clock": clock, "base_dir": config.base_dir}, f"connectors.{name}", file)
-        for name, cfg in config.connectors.items()
-    }
+    built_connectors = {name: build_connector(config, name, clock=clock, session_factory=session_factory) for name in config.connectors}
     return built_sources, built_connectors
+
+
+def build_connector(config: Config, name: str, *, clock: Callable[[], float] = time.time,
+                    session_factory: Callable[..., Any] = build_session) -> Any:
+    """One configured connector with its session (the configured auth, a pool of `concurrency`), clock and folder."""
+    cfg = config.connectors[name]
+    available = {"session": session_factory(config.auth.get(f"connectors.{name}"), config.agent.concurrency),
+                 "clock": clock, "base_dir": config.base_dir}
+    return build(sinks.connector_class(cfg.kind), cfg, available, f"connectors.{name}", str(config.path))
 
 
 class Workers:
@@ -117,6 +121,27 @@ class DrainResult:
     retrying: int = 0
     paused: int = 0
     errors: list[str] = field(default_factory=list)
+
+
+class _Uncounted:
+    """The metrics of an agent nobody can scrape (no [agent] listen): nothing counted, prometheus-client not imported."""
+
+    def polled(self, result: Any) -> None:
+        pass
+
+    def claimed(self, executions: list[Execution]) -> None:
+        pass
+
+    def finished(self, execution: Execution, finish: Finish) -> None:
+        pass
+
+
+def _metrics(config: Config) -> Any:
+    if not config.agent.listen:
+        return _Uncounted()
+    from agent.metrics import Metrics  # ~36 ms of import that `run --once` and `poll` need not pay
+
+    return Metrics(config.sources)
 
 
 class RunQueueFull(RuntimeError):
@@ -176,12 +201,12 @@ class Agent:
         templates = config.templates
         self.sources, self.connectors = build_plugins(config, clock=clock, session_factory=session_factory, stopping=self.stopping)
         self.failpoint = failpoints.from_env()
-        self.ledger = ledger or Ledger(config.ledger_path, failpoint=self.failpoint, mask=Masker.of(config))  # after the plugins: a config error touches no ledger
+        self.ledger = ledger or Ledger(config.ledger_path, failpoint=self.failpoint, mask=self._mask)  # after the plugins: a config error touches no ledger
         version = versions.of(config)
         self.version = self.ledger.use_config(version.hash, version.text, version.sections, version.flows, clock())
         self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates, failpoint=self.failpoint, version=self.version)
         self.progress = Progress()
-        self.metrics = Metrics(config.sources)  # counted as the agent works; GET /metrics serves them
+        self.metrics = _metrics(config)  # counted as the agent works; GET /metrics serves them
         self.poller = Poller(config, self.ledger, self.sources, clock=clock, templates=templates, failpoint=self.failpoint,
                              progress=self.progress)
         self.poller.version = self.version

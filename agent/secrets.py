@@ -20,10 +20,12 @@ from __future__ import annotations
 import base64
 import json
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import SecretStr
+
+from state.base import masked  # noqa: F401  (re-exported: one walk over JSON values for the ledger and the agent)
 
 MASK = "***"
 SHORTEST = 4
@@ -60,30 +62,6 @@ class Masker:
         if self._pattern is None or not text:
             return text
         return self._pattern.sub(MASK, text)
-
-
-def masked(value: Any, mask: Callable[[str], str]) -> Any:
-    """A JSON-like value with every string in it (keys too) passed through ``mask``: the same shape, still JSON.
-
-    Iterative: a value nested as deep as JSON can be read costs no recursion."""
-    root: list = [None]
-    todo = [(value, root, 0)]
-    while todo:
-        item, parent, slot = todo.pop()
-        if isinstance(item, str):
-            parent[slot] = mask(item)
-        elif isinstance(item, dict):
-            parent[slot] = copy = {}
-            for k, v in item.items():
-                key = mask(k) if isinstance(k, str) else k
-                copy[key] = None  # the keys keep their order; values are filled in later
-                todo.append((v, copy, key))
-        elif isinstance(item, (list, tuple)):
-            parent[slot] = copy = [None] * len(item)
-            todo.extend((v, copy, i) for i, v in enumerate(item))
-        else:
-            parent[slot] = item
-    return root[0]
 
 
 def _forms(secret: str) -> set[str]:

@@ -106,7 +106,7 @@ class Templates:
 
     def check_step(self, step: Any) -> None:
         """Compile every template of a step now, so a syntax error is a config error."""
-        for field, source, expression in _templates_of(step):
+        for field, source, expression in templates_of(step):
             try:
                 self._compile(source, False, expression)
             except TemplateSyntaxError as error:
@@ -130,7 +130,7 @@ def _missing_hint(message: str, source: str, context: dict[str, Any]) -> str:
     return f" (if it may be absent, give it a default: {example} | default(''))"
 
 
-def _templates_of(step: Any):
+def templates_of(step: Any):
     """(field, template, is_expression) for every template string in a step."""
     if step.kind == "filter":
         yield "when", step.when, True

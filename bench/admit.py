@@ -2,7 +2,7 @@
 
     python bench/admit.py [--quick] [--repeats N]
 
-agent    Ledger.admit(source, page, one flow, prime=False) for pages of 1,000 Admission items
+agent    Ledger.admit(source, page, one flow) for pages of 1,000 Admission items
          (one BEGIN IMMEDIATE transaction per page: key lookup, records + executions inserts)
 bare     executemany of the same records and executions rows into the same schema, in ONE transaction,
          WAL + synchronous=FULL; also with default pragmas (rollback journal) and with one transaction
@@ -62,7 +62,7 @@ def agent_admit(data: list[Page]) -> float:
     with scratch() as folder, Ledger(folder / "agent.db") as ledger:
         total = 0.0
         for items, _, _ in data:
-            seconds, result = timed(lambda: ledger.admit(SOURCE, items, FLOWS, NOW, prime=False))
+            seconds, result = timed(lambda: ledger.admit(SOURCE, items, FLOWS, NOW))
             assert result.new == len(items)
             total += seconds
         return total

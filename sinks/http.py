@@ -369,16 +369,7 @@ _UNREACHABLE = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.Connec
 
 def unreachable(exc: BaseException) -> bool:
     """Whether the connection itself could not be made (refused, unknown host, connect timeout): nothing was sent."""
-    for _ in range(10):  # the same bounded walk down the causes as `reason`
-        if isinstance(exc, _UNREACHABLE):
-            return True
-        inner = getattr(exc, "reason", None)
-        if not isinstance(inner, BaseException):
-            inner = next((arg for arg in exc.args if isinstance(arg, BaseException)), None) or exc.__cause__ or exc.__context__
-        if not isinstance(inner, BaseException) or inner is exc:
-            return False
-        exc = inner
-    return False
+    return any(isinstance(cause, _UNREACHABLE) for cause in _causes(exc))
 
 
 def retry_after(value: str | None, now: float) -> float | None:
@@ -398,15 +389,22 @@ def retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-def reason(exc: BaseException) -> str:
-    """The innermost cause of a request exception, e.g. 'Connection refused', without the URL around it."""
-    for _ in range(10):  # requests wraps urllib3 wraps socket errors; bounded in case of a cycle
+def _causes(exc: BaseException):
+    """The exception, then each one it wraps (requests wraps urllib3 wraps socket errors); bounded in case of a cycle."""
+    yield exc
+    for _ in range(10):
         inner = getattr(exc, "reason", None)
         if not isinstance(inner, BaseException):
             inner = next((arg for arg in exc.args if isinstance(arg, BaseException)), None) or exc.__cause__ or exc.__context__
         if not isinstance(inner, BaseException) or inner is exc:
-            break
+            return
         exc = inner
+        yield exc
+
+
+def reason(exc: BaseException) -> str:
+    """The innermost cause of a request exception, e.g. 'Connection refused', without the URL around it."""
+    *_, exc = _causes(exc)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__

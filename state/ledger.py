@@ -30,12 +30,13 @@ from typing import Any, Callable, Iterable, Iterator
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from state.base import LedgerBusy, LedgerDamaged, LedgerError, LedgerUnwritable
+from state.base import LedgerBusy, LedgerDamaged, LedgerError, LedgerUnwritable, masked
 
 WAITING = ("pending", "retrying", "paused")
 ACTIVE = WAITING + ("running",)
 FINISHED = ("succeeded", "filtered", "superseded")
-STATUSES = ACTIVE + FINISHED + ("failed", "dead", "quarantined")
+FLOW_STATUSES = ("pending", "running", "retrying", "paused", "succeeded", "filtered", "superseded", "failed", "dead")  # as listings show them
+STATUSES = FLOW_STATUSES + ("quarantined",)  # what `executions --status` takes (quarantined: records, not executions)
 _IN_WAITING = f"IN {WAITING}"  # SQL: status IN ('pending', 'retrying', 'paused')
 _IN_ACTIVE = f"IN {ACTIVE}"
 
@@ -163,28 +164,6 @@ class Finish:
 def _json(value: Any) -> str:
     # ASCII escapes keep a lone surrogate ("\ud800") from breaking the insert; it round-trips through json
     return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)
-
-
-def _masked(value: Any, mask: Callable[[str], str]) -> Any:
-    """A JSON-like value with every string in it (keys too) passed through ``mask``; iterative, so depth costs no recursion."""
-    root: list = [None]
-    todo = [(value, root, 0)]
-    while todo:
-        item, parent, slot = todo.pop()
-        if isinstance(item, str):
-            parent[slot] = mask(item)
-        elif isinstance(item, dict):
-            parent[slot] = copy = {}
-            for k, v in item.items():
-                key = mask(k) if isinstance(k, str) else k
-                copy[key] = None  # the keys keep their order; values are filled in later
-                todo.append((v, copy, key))
-        elif isinstance(item, (list, tuple)):
-            parent[slot] = copy = [None] * len(item)
-            todo.extend((v, copy, i) for i, v in enumerate(item))
-        else:
-            parent[slot] = item
-    return root[0]
 
 
 def _private_folder(folder: Path) -> None:
@@ -377,7 +356,7 @@ class Ledger:
     def _dump(self, value: Any) -> str:
         """A JSON value as the ledger keeps it: masked string by string, so it stays valid JSON."""
         text = _json(value)
-        return text if self.mask(text) == text else _json(_masked(value, self.mask))
+        return text if self.mask(text) == text else _json(masked(value, self.mask))
 
     def _rows(self, sql: str, params: Iterable = ()) -> list[dict]:
         cursor = self.conn.execute(sql, tuple(params))
@@ -386,11 +365,11 @@ class Ledger:
 
     # -- admission -----------------------------------------------------------------
     def admit(self, source: str, items: list[Admission], flows: list[tuple[str, bool]], now: float, *,
-              prime: bool = False, shown: dict[str, float] | None = None, version: int | None = None) -> Admitted:
+              shown: dict[str, float] | None = None, version: int | None = None) -> Admitted:
         """Mark a page's records seen and create their executions, in one transaction.
 
         ``flows`` are (flow name, supersede) of the flows subscribed to the source.
-        Items marked ``prime`` (all of them with ``prime=True``) are marked seen and
+        Items marked ``prime`` are marked seen and
         nothing is scheduled. ``shown`` are keys the page showed again (key -> last
         seen, from ``seen``); their last_seen is refreshed when it is old.
         """
@@ -404,7 +383,7 @@ class Ledger:
                 [(source, a.key, a.id, a.version, a.hash, now, now) for a in fresh],
             )
             self.failpoint("inside_admit")
-            scheduled = [a for a in fresh if not (prime or a.prime or a.rekeyed)]
+            scheduled = [a for a in fresh if not (a.prime or a.rekeyed)]
             result.rekeyed = sum(a.rekeyed for a in fresh)
             result.primed = len(fresh) - len(scheduled) - result.rekeyed
             result.new = len(scheduled)

@@ -65,7 +65,7 @@ def ledger(tmp_path):
 
 def admit(ledger, *records):
     items = [Admission(str(r["id"]), str(r["id"]), "", "h", str(r["id"]), {"record": r}) for r in records]
-    ledger.admit("leads", items, [("f", False)], NOW, prime=False)
+    ledger.admit("leads", items, [("f", False)], NOW)
 
 
 def drive(ledger, runner, clock, rounds: int = 10):

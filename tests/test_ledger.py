@@ -35,44 +35,47 @@ def test_fresh_file_is_created_migrated_and_private(tmp_path):
 def test_reopening_keeps_everything_and_migrates_nothing_twice(tmp_path):
     path = tmp_path / "agent.db"
     with Ledger(path) as led:
-        led.admit("s", [item("1")], [("f", False)], NOW, prime=False)
+        led.admit("s", [item("1")], [("f", False)], NOW)
     with Ledger(path) as led:
         assert led.counts() == {"f": {"pending": 1}}
-        assert led.admit("s", [item("1")], [("f", False)], NOW, prime=False).new == 0
+        assert led.admit("s", [item("1")], [("f", False)], NOW).new == 0
 
 
 def test_admit_marks_seen_and_schedules_one_execution_per_flow(ledger):
-    result = ledger.admit("s", [item("1"), item("2"), item("1")], [("a", False), ("b", False)], NOW, prime=False)
+    result = ledger.admit("s", [item("1"), item("2"), item("1")], [("a", False), ("b", False)], NOW)
     assert (result.new, result.duplicates) == (2, 1)
     assert ledger.counts() == {"a": {"pending": 2}, "b": {"pending": 2}}
-    again = ledger.admit("s", [item("2"), item("3")], [("a", False), ("b", False)], NOW, prime=False)
+    again = ledger.admit("s", [item("2"), item("3")], [("a", False), ("b", False)], NOW)
     assert (again.new, again.duplicates) == (1, 1)
 
 
 def test_keys_are_per_source(ledger):
-    ledger.admit("s1", [item("1")], [("f", False)], NOW, prime=False)
-    assert ledger.admit("s2", [item("1")], [("g", False)], NOW, prime=False).new == 1
+    ledger.admit("s1", [item("1")], [("f", False)], NOW)
+    assert ledger.admit("s2", [item("1")], [("g", False)], NOW).new == 1
 
 
 def test_priming_marks_seen_without_scheduling(ledger):
-    result = ledger.admit("s", [item("1"), item("2")], [("f", False)], NOW, prime=True)
+    items = [item("1"), item("2")]
+    for each in items:
+        each.prime = True
+    result = ledger.admit("s", items, [("f", False)], NOW)
     assert (result.primed, result.new) == (2, 0)
     assert ledger.counts() == {}
-    assert ledger.admit("s", [item("1")], [("f", False)], NOW, prime=False).new == 0
+    assert ledger.admit("s", [item("1")], [("f", False)], NOW).new == 0
 
 
 def test_admission_is_all_or_nothing(ledger):
     """A failure inside the transaction leaves neither seen keys nor executions behind."""
     ledger.conn.execute("CREATE TRIGGER boom BEFORE INSERT ON executions BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     with pytest.raises(Exception):
-        ledger.admit("s", [item("1")], [("f", False)], NOW, prime=False)
+        ledger.admit("s", [item("1")], [("f", False)], NOW)
     ledger.conn.execute("DROP TRIGGER boom")
     assert ledger.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 0
-    assert ledger.admit("s", [item("1")], [("f", False)], NOW, prime=False).new == 1
+    assert ledger.admit("s", [item("1")], [("f", False)], NOW).new == 1
 
 
 def test_lone_surrogate_in_a_record_does_not_break_the_insert(ledger):
-    ledger.admit("s", [item("1", record={"name": "\ud800"})], [("f", False)], NOW, prime=False)
+    ledger.admit("s", [item("1", record={"name": "\ud800"})], [("f", False)], NOW)
     [ex] = ledger.claim(NOW, 10, 300)
     assert ex.context["record"]["name"] == "\ud800"
 
@@ -95,7 +98,7 @@ def test_a_source_is_not_primed_until_a_poll_succeeds(ledger):
 
 
 def test_claim_takes_due_work_in_order_and_holds_a_lease(ledger):
-    ledger.admit("s", [item("1"), item("2"), item("3")], [("f", False)], NOW, prime=False)
+    ledger.admit("s", [item("1"), item("2"), item("3")], [("f", False)], NOW)
     claimed = ledger.claim(NOW, 2, 300)
     assert [e.key for e in claimed] == ["1", "2"]
     assert all(e.attempts == 1 for e in claimed)
@@ -107,8 +110,8 @@ def test_claim_takes_due_work_in_order_and_holds_a_lease(ledger):
 
 
 def test_versions_of_one_entity_run_in_the_order_seen(ledger):
-    ledger.admit("s", [item("v1", "E"), item("x", "X")], [("f", False)], NOW, prime=False)
-    ledger.admit("s", [item("v2", "E")], [("f", False)], NOW, prime=False)
+    ledger.admit("s", [item("v1", "E"), item("x", "X")], [("f", False)], NOW)
+    ledger.admit("s", [item("v2", "E")], [("f", False)], NOW)
     first = ledger.claim(NOW, 10, 300)
     assert sorted(e.key for e in first) == ["v1", "x"]
     v1 = next(e for e in first if e.key == "v1")
@@ -120,14 +123,14 @@ def test_versions_of_one_entity_run_in_the_order_seen(ledger):
 
 
 def test_supersede_retires_an_older_version_that_has_not_started(ledger):
-    ledger.admit("s", [item("v1", "E")], [("f", True)], NOW, prime=False)
-    result = ledger.admit("s", [item("v2", "E")], [("f", True)], NOW, prime=False)
+    ledger.admit("s", [item("v1", "E")], [("f", True)], NOW)
+    result = ledger.admit("s", [item("v2", "E")], [("f", True)], NOW)
     assert result.superseded == 1
     assert {r["key"]: r["status"] for r in ledger.executions()} == {"v1": "superseded", "v2": "pending"}
 
 
 def test_finish_commits_output_step_and_attempt_together(ledger):
-    ledger.admit("s", [item("1")], [("f", False)], NOW, prime=False)
+    ledger.admit("s", [item("1")], [("f", False)], NOW)
     [ex] = ledger.claim(NOW, 1, 300)
     attempt = {"step": 0, "started": NOW, "finished": NOW + 1, "outcome": "succeeded", "status_code": 201, "error": None}
     ledger.finish(ex, Finish("pending", 1, {**ex.context, "steps": {"0": {"id": 7}}}, next_at=NOW, attempt=attempt), NOW + 1)
@@ -139,14 +142,14 @@ def test_finish_commits_output_step_and_attempt_together(ledger):
 
 
 def test_paused_spends_no_attempt(ledger):
-    ledger.admit("s", [item("1")], [("f", False)], NOW, prime=False)
+    ledger.admit("s", [item("1")], [("f", False)], NOW)
     [ex] = ledger.claim(NOW, 1, 300)
     ledger.finish(ex, Finish("paused", 0, ex.context, next_at=NOW + 60, error="401"), NOW)
     assert ledger.executions()[0]["attempts"] == 0
 
 
 def test_recover_makes_orphans_due_at_once_and_records_the_interruption(ledger):
-    ledger.admit("s", [item("1"), item("2")], [("f", False)], NOW, prime=False)
+    ledger.admit("s", [item("1"), item("2")], [("f", False)], NOW)
     ledger.claim(NOW, 1, 300)
     assert ledger.recover(NOW + 5) == 1
     rows = {r["key"]: r for r in ledger.executions()}
@@ -157,7 +160,7 @@ def test_recover_makes_orphans_due_at_once_and_records_the_interruption(ledger):
 
 
 def test_requeue_failed_and_dead(ledger):
-    ledger.admit("s", [item("1"), item("2"), item("3")], [("f", False)], NOW, prime=False)
+    ledger.admit("s", [item("1"), item("2"), item("3")], [("f", False)], NOW)
     a, b, c = ledger.claim(NOW, 3, 300)
     ledger.finish_many([(a, Finish("dead", 0, a.context, error="gave up")), (b, Finish("failed", 0, b.context, error="400")),
                         (c, Finish("succeeded", 1, c.context))], NOW)
@@ -175,7 +178,7 @@ def test_quarantine_reports_the_same_content_once(ledger):
 
 
 def test_prune_keeps_waiting_failed_and_dead_work(ledger):
-    ledger.admit("s", [item("1"), item("2"), item("3")], [("f", False)], NOW, prime=False)
+    ledger.admit("s", [item("1"), item("2"), item("3")], [("f", False)], NOW)
     a, b, _ = ledger.claim(NOW, 3, 300)
     ledger.finish_many([(a, Finish("succeeded", 1, a.context)), (b, Finish("dead", 0, b.context))], NOW)
     removed = ledger.prune(NOW + 10, {"s": 5.0}, NOW + 10 + TOUCH_EVERY)
@@ -196,7 +199,7 @@ def test_second_holder_is_refused(tmp_path):
 def test_damaged_file_is_refused_never_recreated(tmp_path):
     path = tmp_path / "agent.db"
     with Ledger(path) as led:
-        led.admit("s", [item(str(i)) for i in range(2000)], [("f", False)], NOW, prime=False)
+        led.admit("s", [item(str(i)) for i in range(2000)], [("f", False)], NOW)
         led.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     data = bytearray(path.read_bytes())
     data[0:16] = b"garbage garbage!"
@@ -209,7 +212,7 @@ def test_damaged_file_is_refused_never_recreated(tmp_path):
 def test_damaged_interior_page_is_detected(tmp_path):
     path = tmp_path / "agent.db"
     with Ledger(path) as led:
-        led.admit("s", [item(str(i), record={"pad": "x" * 200}) for i in range(3000)], [("f", False)], NOW, prime=False)
+        led.admit("s", [item(str(i), record={"pad": "x" * 200}) for i in range(3000)], [("f", False)], NOW)
         led.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         page_size = led.conn.execute("PRAGMA page_size").fetchone()[0]
     data = bytearray(path.read_bytes())

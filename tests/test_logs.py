@@ -1,5 +1,6 @@
 """Logging: text or JSON lines, secrets masked, progress lines on terminals only."""
 import io
+import sys
 import json
 
 from loguru import logger
@@ -56,3 +57,12 @@ def test_a_text_line_cannot_be_forged_nor_drive_the_terminal():
     assert "| WARNING | record k1\\n2026-01-01 00:00:00 | ERROR   | forged\\x1b]0;pwned\\x07 failed\n" in text
     assert "ValueError: bad value \\x1b[2J\\x9b31m" in text  # a traceback's text too
     assert not [c for c in text if c != "\n" and (ord(c) < 32 or 0x7f <= ord(c) <= 0x9f)]
+
+
+def test_progress_with_no_stream_given_shows_on_the_terminal_stderr_is(monkeypatch):
+    tty = Terminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    progress = logs.Progress()  # as the agent makes it
+    assert progress.enabled
+    progress("page 1")
+    assert "page 1" in tty.getvalue()
