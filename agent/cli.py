@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from state.base import LedgerError
+from agent.timing import utc_text as _when
 
 if TYPE_CHECKING:
     from agent.config import Config
@@ -290,8 +291,6 @@ def _beside(config: Config) -> Ledger:
     return Ledger(config.ledger_path, hold=False, mask=Masker.of(config))
 
 
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:

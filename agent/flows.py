@@ -26,7 +26,6 @@ import random
 import re
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from loguru import logger
@@ -37,6 +36,7 @@ from agent.retry import RetryPolicy
 from agent.templates import RenderError, Templates, split_outside_tags, templates_of
 from sinks.base import Action, Connector, Outcome
 from state.ledger import Execution, Finish
+from agent.timing import utc_text as _when
 
 PAUSE_PROBE = 60.0  # how often a paused connector is tried again
 UNREACHABLE_PROBE = 5.0  # the first wait before an unreachable connector is tried again; it doubles up to PAUSE_PROBE
@@ -59,8 +59,6 @@ class Down:
     delay: float = UNREACHABLE_PROBE
 
 
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def reads_steps(step: Any) -> bool:

@@ -36,6 +36,7 @@ from sinks.base import SinkError
 from sources.base import SourceError
 from state.base import LedgerError
 from state.ledger import WAITING, Execution, Finish, Ledger
+from agent.timing import utc_text as _when
 
 
 LEDGER_RETRY = 5.0  # seconds between tries while the ledger cannot be written
@@ -555,5 +556,3 @@ class Agent:
                 run.finish(attempted, self._mask)
 
 
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import datetime, time, timedelta, timezone
 from typing import Any, Callable, Union
 from zoneinfo import ZoneInfo
 
@@ -111,3 +111,8 @@ class Timetable:
         """A clock stepped back must not hold a job longer than its rule would from now."""
         for job in self.jobs:
             job.at = min(job.at, job.rule.first(now))
+
+
+def utc_text(ts: float | None) -> str:
+    """An epoch time as people read it in listings and logs: '2026-11-30 04:25:00Z' ('-' for none)."""
+    return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")

@@ -11,10 +11,10 @@ version). Its story::
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from state.ledger import Ledger
+from agent.timing import utc_text as _when
 
 DONE = {"succeeded": "delivered", "filtered": "filtered out: nothing to send", "superseded": "replaced by a newer version before it started"}
 
@@ -92,5 +92,3 @@ def describe(story: dict[str, Any], text: Callable[[Any], str]) -> str:
     return "\n".join(lines)
 
 
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")

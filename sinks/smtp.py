@@ -36,6 +36,7 @@ retryable, then failed); some refused is a success that lists them in
 """
 from __future__ import annotations
 
+import errno
 import math
 import smtplib
 import socket
@@ -268,7 +269,9 @@ class SmtpConnector:
             raise DeadlinePassed("timed out: the dialogue took longer than timeout")
         try:
             smtp = self._factory(self.config, self._context, left)
-        except (ConnectionRefusedError, socket.gaierror) as exc:
+        except OSError as exc:
+            if not _no_route(exc):
+                raise
             raise Unreachable(f"cannot connect ({exc.strerror or exc})") from exc
         smtp.deadline = deadline
         try:
@@ -295,6 +298,11 @@ class SmtpConnector:
         if secret and outcome.error:
             outcome.error = outcome.error.replace(secret, "***")
         return outcome
+
+
+def _no_route(exc: OSError) -> bool:
+    """Whether a connect failed before reaching the server (refused, unknown host, no route): nothing was sent."""
+    return isinstance(exc, (ConnectionRefusedError, socket.gaierror)) or exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
 def _let_go(exc: OSError, smtp: smtplib.SMTP) -> bool:

@@ -380,3 +380,17 @@ def test_config_defaults_and_errors():
     for bad in ({"hots": "x"}, {"username": "agent"}, {"sender": "not an address"}, {"security": "tls"}, {"port": 0}):
         with pytest.raises(pydantic.ValidationError):
             SmtpConnector.Config(**{"kind": "smtp", "host": "smtp.example.invalid", "sender": SENDER, **bad})
+
+
+@pytest.mark.parametrize("error", [ConnectionRefusedError(111, "refused"), OSError(113, "No route to host"),
+                                   OSError(101, "Network is unreachable")])
+def test_a_connect_that_reaches_no_server_marks_the_connector_unreachable(error):
+    from sinks.smtp import SmtpConnector
+
+    def factory(config, context, timeout):
+        raise error
+
+    config = SmtpConnector.Config.model_validate({"kind": "smtp", "host": "mail.example.invalid", "port": 25, "security": "none",
+                                                  "sender": "agent@example.invalid"})
+    outcome = SmtpConnector(config, smtp_factory=factory).run(SEND, {"to": ["a@example.invalid"], "subject": "s", "text": "t"}, "k1")
+    assert (outcome.status, outcome.unreachable) == ("retryable", True)
