@@ -177,6 +177,14 @@ def _private_folder(folder: Path) -> None:
         os.chmod(created, 0o700)
 
 
+def _chunks(values: Iterable[str], size: int = 500):
+    """(chunk, "?,?,…") pieces of `values` for `IN (…)`: SQLite caps the parameters of one statement."""
+    ordered = list(values)
+    for start in range(0, len(ordered), size):
+        chunk = ordered[start:start + size]
+        yield chunk, ",".join("?" * len(chunk))
+
+
 class Ledger:
     """The SQLite ledger file, held exclusively by this process while open."""
 
@@ -400,10 +408,7 @@ class Ledger:
     def seen(self, source: str, keys: set[str]) -> dict[str, float]:
         """The keys of ``keys`` already in the ledger for this source, with when a poll last showed each."""
         found: dict[str, float] = {}
-        ordered = list(keys)
-        for start in range(0, len(ordered), 500):
-            chunk = ordered[start:start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _chunks(keys):
             found.update(self.conn.execute(
                 f"SELECT key, COALESCE(last_seen, first_seen) FROM records WHERE source = ? AND key IN ({marks})", (source, *chunk)))
         return found
@@ -433,12 +438,10 @@ class Ledger:
         """Retire waiting versions that have not started when a newer version of their entity was admitted."""
         newer = self._BEFORE.format(a="executions", b="n")
         count = 0
-        ordered = list(entities)
-        for start in range(0, len(ordered), 500):
-            chunk = ordered[start:start + 500]
+        for chunk, marks in _chunks(entities):
             count += conn.execute(
                 "UPDATE executions SET status = 'superseded', updated = ?, last_error = 'a newer version of this entity was admitted'"
-                f" WHERE flow = ? AND entity IN ({','.join('?' * len(chunk))}) AND status = 'pending' AND step = 0 AND attempts = 0"
+                f" WHERE flow = ? AND entity IN ({marks}) AND status = 'pending' AND step = 0 AND attempts = 0"
                 " AND single = 0 AND replay = 0 AND EXISTS (SELECT 1 FROM executions n WHERE n.flow = executions.flow"
                 " AND n.entity = executions.entity AND n.id != executions.id AND n.single = 0 AND n.replay = 0"
                 f" AND n.status != 'superseded' AND {newer})",
@@ -476,11 +479,9 @@ class Ledger:
     def known_content(self, source: str, hashes: set[str]) -> set[str]:
         """The record hashes of ``hashes`` the ledger holds for this source (under any key)."""
         found: set[str] = set()
-        ordered = list(hashes)
-        for start in range(0, len(ordered), 500):
-            chunk = ordered[start:start + 500]
+        for chunk, marks in _chunks(hashes):
             found.update(r[0] for r in self.conn.execute(
-                f"SELECT hash FROM records WHERE source = ? AND hash IN ({','.join('?' * len(chunk))})", (source, *chunk)))
+                f"SELECT hash FROM records WHERE source = ? AND hash IN ({marks})", (source, *chunk)))
         return found
 
     def start_priming(self, source: str, now: float) -> float:
