@@ -29,7 +29,7 @@ from agent.timing import utc_text as _when
 if TYPE_CHECKING:
     from agent.config import Config
     from agent.secrets import Masker
-    from state.ledger import Ledger
+    from state.base import Ledger
 
 OK, FAILED, USAGE, LEDGER = 0, 1, 2, 3
 
@@ -170,8 +170,6 @@ def _main(argv: list[str] | None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as done:  # --help, --version or a usage mistake: argparse has said what there is to say
         return done.code if isinstance(done.code, int) else USAGE
-    import sqlite3
-
     from agent import logs
     from agent.config import ConfigError, load
     from agent.logs import printable_lines
@@ -193,9 +191,6 @@ def _main(argv: list[str] | None) -> int:
         return USAGE
     except LedgerError as error:
         print(f"agent: {out.text(error)}", file=sys.stderr)
-        return LEDGER
-    except sqlite3.Error as error:  # a read beside a running agent, say: the ledger cannot be used right now
-        print(f"agent: {out.text(config.ledger_path)}: the ledger cannot be used ({out.text(error)})", file=sys.stderr)
         return LEDGER
 
 
@@ -286,9 +281,9 @@ def _once(agent, polls) -> int:
 def _beside(config: Config) -> Ledger:
     """The ledger for an operator command: it works beside a running agent (no lock, no migration)."""
     from agent.secrets import Masker
-    from state.ledger import Ledger
+    from state import open_ledger
 
-    return Ledger(config.ledger_path, hold=False, mask=Masker.of(config))
+    return open_ledger(config.ledger_location, reader=True, mask=Masker.of(config))
 
 
 
@@ -311,6 +306,7 @@ def _print_status(report: dict, out: Printer, now: float) -> None:
     version = report["config"]["version"]
     print(f"config: version {version} of {report['config']['versions']}" if version is not None
           else f"config: edited since the agent last ran ({report['config']['versions']} version(s) recorded; `agent config history`)")
+    _print_agents(report["agents"], out, now, report["lease"])
     print("sources:")
     for name, s in report["sources"].items():
         state = "STALE" if s["stale"] else ("FAILING" if s["failing"] else "ok")
@@ -334,6 +330,20 @@ def _print_status(report: dict, out: Printer, now: float) -> None:
     if not report["ledger"]["writable"]:
         print(f"ledger: NOT WRITABLE: {out.text(report['ledger']['problem'])}")
     print("health: ok" if report["healthy"] else "health: UNHEALTHY: " + "; ".join(out.text(r) for r in report["reasons"]))
+
+
+def _print_agents(agents: list[dict], out: Printer, now: float, lease: float) -> None:
+    """Every agent on this ledger in the last day: alive (heartbeat within its lease), silent (its work is taken over) or stopped."""
+    print("agents:" if agents else "agents: none has run on this ledger in the last day")
+    for a in agents:
+        if a["stopped"] is not None:
+            state = f"stopped {_when(a['stopped'])}"
+        elif now - a["heartbeat"] > lease:
+            state = f"SILENT for {now - a['heartbeat']:.0f}s (over the lease of {lease:g}s: its sources and work pass to other agents)"
+        else:
+            state = f"alive, heartbeat {now - a['heartbeat']:.0f}s ago"
+        held = ", ".join(out.text(s) for s in a["sources"]) or "-"
+        print(f"  {out.text(a['id'])}  {state}  started {_when(a['started'])}  sources {held}  running {a['running']}")
 
 
 def _numbers(texts: list[str]) -> list[int]:
@@ -377,7 +387,7 @@ def cmd_executions(config: Config, args: argparse.Namespace) -> int:
 
 
 def _known_status(status: str | None) -> None:
-    from state.ledger import STATUSES  # late: the parser is built without the ledger
+    from state.base import STATUSES  # late: the parser is built without the ledger
 
     if status is not None and status not in STATUSES:
         raise Usage(f"--status {status!r} is not a status (known: {', '.join(STATUSES)})")
@@ -499,7 +509,20 @@ def _describe(row: dict, out: Printer) -> str:
     for a in row["attempts_made"]:
         code = f" [{a['status_code']}]" if a["status_code"] else ""
         lines.append(f"  step {a['step']} attempt {a['n']} at {_when(a['started'])}: {out.text(a['outcome'])}{code} {out.text(a['error'])}")
+    for step, output in _step_outputs(row).items():
+        lines.append(f"  step {out.text(step)} output: {out.json(output, ensure_ascii=False, default=str)[:500]}")
     return "\n".join(lines)
+
+
+def _step_outputs(row: dict) -> dict[str, Any]:
+    """The outputs the execution's steps kept (what later steps read as steps[i] or steps.<id>), by index."""
+    context = row.get("context")
+    if isinstance(context, str):
+        try:
+            context = json.loads(context)
+        except ValueError:
+            return {}
+    return context.get("steps", {}) if isinstance(context, dict) else {}
 
 
 def cmd_why(config: Config, args: argparse.Namespace) -> int:
@@ -559,14 +582,25 @@ def cmd_fail(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_actions(config: Config, args: argparse.Namespace) -> int:
-    listing = {f"{name} > {action}": model.model_json_schema() for name, cfg in config.connectors.items() for action, model in cfg.actions().items()}
+    """Every action path with its input schema (a body's JSON Schema included) and, for HTTP, its request(s)."""
+    out = _printer(config)
+    listing = {}
+    for name, cfg in config.connectors.items():
+        for action, model in cfg.actions().items():
+            request = cfg.describe(action)
+            listing[f"{name} > {action}"] = {**model.model_json_schema(), **({"request": request} if request else {})}
     if args.json:
-        print(json.dumps(listing, indent=2))
+        print(out.json(listing, indent=2, ensure_ascii=False))
         return OK
     for path, schema in listing.items():
         required = set(schema.get("required", []))
         fields = ", ".join(f"{k}{'*' if k in required else ''}" for k in schema.get("properties", {}))
-        print(f"{path:<36} {fields}")
+        request = schema.get("request", {})
+        shown = f"{request['request']}   " if "request" in request else ""
+        print(out.text(f"{path:<36} {shown}{fields}" + (f" (schema {request['schema']})" if "schema" in request else "")))
+        for label in ("lookup", "found", "create", "ok_status", "succeed_when"):
+            if label in request:
+                print(out.text(f"    {label:<13} {request[label]}"))
     print("(* = required)")
     return OK
 
@@ -674,7 +708,26 @@ def report_text(report: dict, out: Printer) -> str:
         shown = out.json(step.get("output", step.get("send")), ensure_ascii=False, indent=2, default=str).replace("\n", "\n      ")
         verb = "would send" if "send" in step else "gives"
         lines.append(f"  step {step['index']} {step['kind']}{' ' + out.text(step['action']) if step.get('action') else ''}: {verb} {shown}")
+        lines += _built_text(step.get("built"), out)
     return "\n".join(lines)
+
+
+def _built_text(built: dict | None, out: Printer) -> list[str]:
+    """The requests or the message a dry run built, as they would go out."""
+    if not built:
+        return []
+    lines = []
+    for request in built.get("requests", []):
+        lines.append(f"    {out.text(request['method'])} {out.text(request['url'])}")
+        lines += [f"      {out.text(name)}: {out.text(value)}" for name, value in request["headers"].items()]
+        if request["body"] is not None:
+            lines.append("      " + out.json(request["body"], ensure_ascii=False, default=str))
+    if "note" in built:
+        lines.append(f"    ({out.text(built['note'])})")
+    if "headers" in built and "rcpt_to" in built:
+        lines.append(f"    MAIL FROM {out.text(built['mail_from'])}, RCPT TO {out.text(', '.join(built['rcpt_to']))}")
+        lines += [f"      {out.text(header)}" for header in built["headers"]]
+    return lines
 
 
 def cmd_prune(config: Config, args: argparse.Namespace) -> int:

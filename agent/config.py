@@ -14,6 +14,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,7 +57,7 @@ TOKEN_LENGTH = 16  # the shortest [agent] listen_token
 
 
 class AgentSection(Strict):
-    ledger: Path = Path("var/agent.db")
+    ledger: str = "var/agent.db"  # a path: a SQLite file (one agent); a postgresql:// URL: a database several agents share
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     retention: Seconds = 30 * DAY
@@ -65,6 +66,23 @@ class AgentSection(Strict):
     unreachable_after: Seconds = 900.0  # `status` exits 1 once a connector has been unreachable this long
     listen: str | None = None  # "host:port" of the HTTP endpoint (health, metrics, runs on demand); a bare port: the loopback
     listen_token: SecretStr | None = None  # required as `Authorization: Bearer …` on everything but /healthz
+
+    @field_validator("ledger", mode="before")
+    @classmethod
+    def _ledger(cls, value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("write a file path (e.g. 'var/agent.db') or a URL 'postgresql://user@host:5432/dbname'")
+        if "://" in value and not value.lower().startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"{_without_userinfo(value)!r}: only postgresql:// URLs are ledgers; write a file path for SQLite")
+        if value.lower().startswith(("postgresql://", "postgres://")):
+            try:
+                parts = urlsplit(value)
+                parts.port  # noqa: B018 (raises on a bad port)
+            except ValueError as error:
+                raise ValueError(f"{_without_userinfo(value)!r} is not a URL ({error}); write 'postgresql://user@host:5432/dbname'") from None
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -133,6 +151,7 @@ class RetryConfig(Strict):
     max_interval: RetrySpan = 3600.0
     window: RetrySpan = 23 * 3600.0
     jitter: bool = True
+    when: str | None = None  # a Jinja expression over status, headers, body, error: true retries (besides `on`)
 
     @field_validator("on")
     @classmethod
@@ -173,6 +192,7 @@ class ActionStep(BaseModel):
     wait_for_response: bool = True
     proceed_on_failure: bool = False
     retry: RetryConfig = RetryConfig()
+    output: dict[str, Any] | None = None  # what to keep of the result: { id = "{{ response.id }}" } -> steps.<id>.id
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -228,9 +248,29 @@ class Config:
         self.templates = Templates()  # compiled once while checking, reused by the running agent
 
     @property
+    def ledger_is_url(self) -> bool:
+        return self.agent.ledger.lower().startswith(("postgresql://", "postgres://"))
+
+    @property
     def ledger_path(self) -> Path:
-        path = self.agent.ledger
+        """The SQLite ledger's file (a relative path is relative to the config file's folder)."""
+        path = Path(self.agent.ledger)
         return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def ledger_location(self) -> str:
+        """What ``state.open_ledger`` opens: the URL as written, or the file's path."""
+        return self.agent.ledger if self.ledger_is_url else str(self.ledger_path)
+
+    @property
+    def ledger_shown(self) -> str:
+        """The ledger as messages name it: a URL without its password."""
+        if not self.ledger_is_url:
+            return str(self.ledger_path)
+        parts = urlsplit(self.agent.ledger)
+        if parts.password is None:
+            return self.agent.ledger
+        return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
     def windows(self) -> dict[str, float]:
         """source -> how far back its view reaches, for the sources that say (seen keys older than that may go)."""
@@ -334,13 +374,14 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
         current = _models(field.annotation)
     if len(current) != 1 or current[0].model_config.get("extra") != "forbid":
         return []
-    return [name for name in current[0].model_fields]
+    return [field.alias or name for name, field in current[0].model_fields.items()]
 
 
-def _forbid_with_allowed(model: type[BaseModel], data: dict, prefix: str, problems: list[tuple[str, str]]) -> Any:
+def _forbid_with_allowed(model: type[BaseModel], data: dict, prefix: str, problems: list[tuple[str, str]],
+                         context: dict[str, Any] | None = None) -> Any:
     """Validate ``data`` with ``model``; unknown keys name the keys the model allows."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as error:
         problems.extend(problems_of(error, prefix, model))
         return None
@@ -370,13 +411,33 @@ def load(path: Path | str) -> Config:
     config.text = text
     if settings.agent.listen_token is not None:  # masked like every other secret: logs, output, config versions
         config.secrets.append(settings.agent.listen_token.get_secret_value())
+    if config.ledger_is_url and urlsplit(settings.agent.ledger).password:  # better in PGPASSWORD, but never shown either way
+        config.secrets.append(unquote(urlsplit(settings.agent.ledger).password))
+        config.secrets.append(urlsplit(settings.agent.ledger).password)
     _load_plugins(config, "sources", settings.sources, sources.KINDS, sources.source_class, problems)
     _load_plugins(config, "connectors", settings.connectors, sinks.KINDS, sinks.connector_class, problems)
     if not problems:
+        _check_connector_templates(config, problems)
         _check_flows(config, problems)
+        _check_lease(config, problems)
     if problems:
         raise ConfigError(name, problems)
     return config
+
+
+def _check_lease(config: Config, problems: list) -> None:
+    """A step starts only while its connector's timeout fits in the lease left; renewals keep two thirds of it.
+
+    Left unset, the lease grows to twice the longest timeout; written shorter than that, it is an error."""
+    timeouts = {name: cfg.timeout for name, cfg in config.connectors.items() if isinstance(getattr(cfg, "timeout", None), (int, float))}
+    if timeouts:
+        name = max(timeouts, key=timeouts.get)
+        if "lease" not in config.agent.model_fields_set:
+            config.agent.lease = max(config.agent.lease, 2 * timeouts[name])
+        elif config.agent.lease < 2 * timeouts[name]:
+            problems.append(("agent.lease", f"{config.agent.lease:g}s is shorter than twice the longest connector timeout "
+                                            f"(connectors.{name}.timeout = {timeouts[name]:g}s); make the lease at least "
+                                            f"{2 * timeouts[name]:g}s or the timeout shorter"))
 
 
 def _load_plugins(config: Config, section: str, tables: dict, kinds: dict, resolve, problems: list) -> None:
@@ -398,7 +459,7 @@ def _load_plugins(config: Config, section: str, tables: dict, kinds: dict, resol
                 config.auth[where] = auth
                 config.secrets.extend(s.get_secret_value() for s in auth.__dict__.values() if isinstance(s, SecretStr))
         model = resolve(kind).Config
-        validated = _forbid_with_allowed(model, table, where, problems)
+        validated = _forbid_with_allowed(model, table, where, problems, {"base_dir": config.base_dir})  # files named in it: schemas
         if validated is not None:
             _refuse_control_characters(validated, where, problems)
             target[name] = validated
@@ -423,6 +484,16 @@ def _validate_auth(table: Any, where: str, problems: list) -> Any:
     except ValidationError as error:
         problems.extend(problems_of(error, where.rsplit(".auth", 1)[0], _AuthHolder))
         return None
+
+
+def _check_connector_templates(config: Config, problems: list) -> None:
+    """The templates of connector tables (an http action's path, query, lookup, succeed_when) compile."""
+    for name, cfg in config.connectors.items():
+        for field, template, expression in cfg.templates():
+            try:
+                config.templates.check([(field, template, expression)])
+            except TemplateSyntaxProblem as error:
+                problems.append((f"connectors.{name}.{field}", str(error)))
 
 
 def _check_flows(config: Config, problems: list) -> None:
@@ -467,7 +538,7 @@ def _check_action(config: Config, step: ActionStep, where: str, problems: list) 
     given = set(step.inputs) | ({"body"} if step.body is not None else set())
     allowed = set(model.model_fields)
     for key in sorted(given - allowed):
-        problems.append((f"{where}.{key}", f"unknown key for '{step.action}' (allowed: {', '.join(sorted(allowed | {'kind', 'id', 'action', 'wait_for_response', 'proceed_on_failure', 'retry'}))})"))
+        problems.append((f"{where}.{key}", f"unknown key for '{step.action}' (allowed: {', '.join(sorted(allowed | {'kind', 'id', 'action', 'wait_for_response', 'proceed_on_failure', 'retry', 'output'}))})"))
     for key, field in model.model_fields.items():
         if field.is_required() and key not in given and key != "body":
             problems.append((f"{where}.{key}", f"'{step.action}' needs this key"))

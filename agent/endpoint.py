@@ -26,7 +26,6 @@ import json
 import re
 import socket
 import socketserver
-import sqlite3
 import threading
 import time
 from contextlib import contextmanager
@@ -40,8 +39,8 @@ from agent import health
 from agent.config import Config, ConfigError
 from agent.process import RunQueueFull
 from agent.secrets import Masker, masked
-from state.base import LedgerError
-from state.ledger import FLOW_STATUSES, Ledger
+from state import open_ledger
+from state.base import FLOW_STATUSES, Ledger, LedgerError
 
 MAX_BODY = 64 * 1024  # bytes of a POST body
 MAX_CONNECTIONS = 32  # served at once; more are closed at once (a flood cannot pile up threads)
@@ -93,7 +92,7 @@ class Endpoint:
     def start(self, agent: Any) -> None:
         """Open the endpoint's own ledger connection and serve in a daemon thread."""
         self.agent = agent
-        self.ledger = Ledger(self.config.ledger_path, hold=False, mask=self.mask)
+        self.ledger = open_ledger(self.config.ledger_location, reader=True, mask=self.mask)
         agent.metrics.watch(self.ledger, self.config, self.lock)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, name="endpoint", daemon=True)
         self._thread.start()
@@ -127,7 +126,7 @@ class Endpoint:
             return 200, self._json(result), "application/json", {}
         except Reply as reply:
             return reply.status, self._json(reply.payload), "application/json", reply.headers
-        except (LedgerError, sqlite3.Error) as error:
+        except LedgerError as error:
             return 503, self._json({"error": f"the ledger cannot be read now: {error}"}), "application/json", {}
         except Exception:  # a bug answers 500 and is logged; the agent goes on
             logger.exception("endpoint: {} {} failed", method, path)
@@ -152,7 +151,7 @@ class Endpoint:
     def healthz(self, **_: Any) -> Any:
         try:
             report = self._read(lambda ledger: health.assess(self.config, ledger, time.time()))
-        except (LedgerError, sqlite3.Error) as error:
+        except LedgerError as error:
             raise Reply(503, {"status": "unhealthy", "reasons": [f"the ledger cannot be read: {error}"]}) from None
         if not report["healthy"]:
             raise Reply(503, {"status": "unhealthy", "reasons": report["reasons"]})

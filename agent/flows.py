@@ -25,6 +25,7 @@ import json
 import random
 import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,9 +34,9 @@ from pydantic import ValidationError
 
 from agent.config import ActionStep, Config, FilterStep, FlowConfig, MapStep
 from agent.retry import RetryPolicy
-from agent.templates import RenderError, Templates, split_outside_tags, templates_of
+from agent.templates import RenderError, StepOutputs, Templates, split_outside_tags, templates_of
 from sinks.base import Action, Connector, Outcome
-from state.ledger import Execution, Finish
+from state.base import Execution, Finish
 from agent.timing import utc_text as _when
 
 PAUSE_PROBE = 60.0  # how often a paused connector is tried again
@@ -64,6 +65,12 @@ class Down:
 def reads_steps(step: Any) -> bool:
     """Whether any template of a step mentions `steps` (the outputs of earlier steps)."""
     return any(_STEPS.search(template) for _, template, _ in templates_of(step))
+
+
+def _problem(error: dict) -> str:
+    """One input validation error as 'field: message' (a schema's message names its field itself)."""
+    where, message = ".".join(map(str, error["loc"])), error["msg"].removeprefix("Value error, ")
+    return message if not where or message.startswith(where) else f"{where}: {message}"
 
 
 def excerpt_of(output: Any) -> Any:
@@ -178,6 +185,9 @@ class FlowRunner:
                 break  # a queued call (wait_for_response = false) runs its own step only
             if isinstance(step, ActionStep) and attempt is not None:
                 return Finish("pending", index, context, next_at=self.clock(), attempt=attempt, spawn=spawn)
+            if isinstance(step, ActionStep) and (short := self._lease_too_short(ex, step)):
+                log.warning("execution {}: {}; it goes back to be claimed again", ex.id, short)
+                return Finish("pending", index, context, next_at=self.clock(), error=short, spawn=spawn)
             try:
                 result = self._step(ex, flow, index, step, context, spawn, log)
             except RenderError as error:
@@ -191,13 +201,25 @@ class FlowRunner:
             index += 1
         return Finish("succeeded", index, context, attempt=attempt, spawn=spawn)
 
-    def _template_context(self, ex: Execution, context: dict) -> dict[str, Any]:
+    def _lease_too_short(self, ex: Execution, step: ActionStep) -> str | None:
+        """Why an action must not start now: less than its connector's timeout is left on the claim's lease."""
+        try:
+            timeout = getattr(self.connectors[step.target()[0]].config, "timeout", None)
+        except (KeyError, ValueError, AttributeError):
+            return None  # a bad target fails in the step itself, named
+        left = ex.lease_deadline - time.monotonic()
+        if isinstance(timeout, (int, float)) and left < timeout:
+            return f"{max(left, 0):.1f}s left on its lease, less than the connector's timeout ({timeout:g}s): not started"
+        return None
+
+    def _template_context(self, ex: Execution, context: dict, flow: FlowConfig) -> dict[str, Any]:
         steps = context.get("steps", {})
         size = max((int(k) for k in steps), default=-1) + 1
+        ids = {step.id: i for i, step in enumerate(flow.steps[:size]) if step.id}
         return {
             "record": context.get("record"),
             "mapped": context.get("mapped"),
-            "steps": [steps.get(str(i)) for i in range(size)],
+            "steps": StepOutputs([steps.get(str(i)) for i in range(size)], ids),  # steps[0], steps.<step id>
             "source": ex.source,
             "flow": ex.flow,
             "cursor": context.get("cursor"),
@@ -206,7 +228,7 @@ class FlowRunner:
 
     def _step(self, ex: Execution, flow: FlowConfig, index: int, step: Any, context: dict, spawn: list, log) -> Finish | dict | None:
         """Evaluate one step: a Finish ends this run; None (pure step) or an attempt (action done) goes on."""
-        values = self._template_context(ex, context)
+        values = self._template_context(ex, context, flow)
         if isinstance(step, FilterStep):
             if not self.templates.evaluate(step.when, values):
                 log.debug("record {} filtered out by flow {!r} step {}", ex.key, flow.name, index)
@@ -255,7 +277,7 @@ class FlowRunner:
         try:
             data = model.model_validate(self._inputs(step, model, values)).model_dump()
         except ValidationError as error:
-            raise RenderError("invalid input: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False))) from None
+            raise RenderError("invalid input: " + "; ".join(_problem(e) for e in error.errors(include_url=False))) from None
         held = self._held(connector_name)
         if held is not None:
             return Finish("paused", index, context, next_at=held[0], error=held[1])
@@ -271,7 +293,7 @@ class FlowRunner:
         self._note(connector_name, outcome, ex, log)
         if outcome.status == "succeeded":
             self.failpoint("after_send")
-        return self._settle(ex, index, step, context, outcome, self._attempt(ex, index, started, outcome), log)
+        return self._settle(ex, index, step, context, values, outcome, self._attempt(ex, index, started, outcome), log)
 
     def _attempt(self, ex: Execution, index: int, started: float, outcome: Outcome) -> dict:
         """The attempt row for one call of step `index`."""
@@ -344,6 +366,25 @@ class FlowRunner:
         return Finish("paused", index, context, next_at=probe_at, attempt=attempt,
                       error=f"{unreachable_reason(connector)} since {_when(since)}: {why}")
 
+    def _output(self, step: ActionStep, outcome: Outcome, values: dict) -> Any:
+        """What a succeeded action leaves to later steps: its `output` mapping rendered over the response, else the response."""
+        if step.output is None:
+            return outcome.output
+        reply = outcome.reply
+        return self.templates.render(step.output, {**values, "response": outcome.output, "status": outcome.status_code,
+                                                   "headers": reply.headers if reply else {}})
+
+    def _retry_when(self, step: ActionStep, outcome: Outcome, policy: RetryPolicy) -> bool:
+        """Whether a failure is tried again: the `on` list names it (retryable ones), or `retry.when` holds on the raw result."""
+        if outcome.status == "retryable" and policy.covers(outcome.condition, outcome.status_code):
+            return True
+        if not step.retry.when or outcome.status not in ("retryable", "failed"):
+            return False
+        reply = outcome.reply
+        values = {"status": reply.status if reply else outcome.status_code, "headers": reply.headers if reply else {},
+                  "body": reply.body if reply else None, "error": outcome.error}
+        return bool(self.templates.evaluate(step.retry.when, values))
+
     @staticmethod
     def _call(connector: Connector, action: Action, data: dict, key: str) -> Outcome:
         """The connector's Outcome; an answer that is not one is a bug, raised like one."""
@@ -352,13 +393,20 @@ class FlowRunner:
             raise TypeError(f"run() returned {type(outcome).__name__}, not an Outcome")
         return outcome
 
-    def _settle(self, ex: Execution, index: int, step: ActionStep, context: dict, outcome: Outcome, attempt: dict, log) -> Finish | dict:
+    def _settle(self, ex: Execution, index: int, step: ActionStep, context: dict, values: dict, outcome: Outcome, attempt: dict,
+                log) -> Finish | dict:
         """Decide what an action's outcome means for the execution."""
         now = self.clock()
         where = f"flow {ex.flow!r} step {index} ({step.action})"
         if outcome.status == "succeeded":
+            try:
+                output = self._output(step, outcome, values)
+            except RenderError as error:  # sent and done: the work is not lost, but later steps cannot have what they need
+                message = f"{where}: succeeded, but its output mapping failed: {error}"
+                log.error("record {} failed: {}", ex.key, message)
+                return Finish("failed", index, context, error=message, attempt=attempt)
             read_later = self.read_later[(ex.version, ex.flow, index)] and not ex.single
-            context.setdefault("steps", {})[str(index)] = outcome.output if read_later else excerpt_of(outcome.output)
+            context.setdefault("steps", {})[str(index)] = output if read_later else excerpt_of(output)
             return attempt
         error = f"{where}: {outcome.error or outcome.status}"
         if outcome.status == "paused":
@@ -369,7 +417,11 @@ class FlowRunner:
             waiting = self._wait_for_reach(ex, index, connector_name, context, attempt, policy, now)
             if waiting is not None:
                 return waiting
-        if outcome.status == "retryable" and policy.covers(outcome.condition, outcome.status_code):
+        try:
+            again = self._retry_when(step, outcome, policy)
+        except RenderError as failure:
+            again, error = False, f"{error}; and retry.when {step.retry.when!r} failed: {failure}"
+        if again:
             at = policy.next_time(attempt["n"], attempt["first"], now, outcome.retry_after, self.rand)
             if at is not None:
                 log.warning("record {} will be retried in {:.0f}s (attempt {}): {}", ex.key, at - now, attempt["n"], error)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # `agent status` imports this module: only what it needs, when it needs it
     from agent.config import Config
-    from state.ledger import Ledger
+    from state.base import Ledger
 
 STALE_AFTER = 3  # intervals without a good poll
 
@@ -36,7 +36,8 @@ def assess(config: Config, ledger: Ledger, now: float) -> dict[str, Any]:
     if paused > sum(waiting.values()):  # paused for our credentials needs an operator at once; an unreachable sink only after a while
         reasons.append(f"{paused - sum(waiting.values())} execution(s) paused: a sink refused the agent's credentials or TLS")
     report["connectors"] = _connectors(config, ledger.unreachable(), waiting, now, reasons)
-    problem = ledger_problem(config.ledger_path)
+    report["agents"], report["lease"] = ledger.agents(now), config.agent.lease
+    problem = None if config.ledger_is_url else ledger_problem(config.ledger_path)  # a database answered the reads above
     report["ledger"] = {"writable": problem is None, "problem": problem}
     if problem:
         reasons.append(f"the ledger cannot be written: {problem}")
@@ -65,7 +66,7 @@ def _sources(config: Config, known: dict[str, dict], now: float, reasons: list[s
 
 
 def _flows(config: Config, counts: dict[str, dict[str, int]], paused: dict[str, str], reasons: list[str]) -> dict[str, dict]:
-    from state.ledger import FLOW_STATUSES  # the ledger is open already: no cost
+    from state.base import FLOW_STATUSES  # the ledger is open already: no cost
 
     out = {}
     for flow in config.flows:

@@ -7,6 +7,7 @@ that stays valid JSON and is just as safe).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from typing import Callable
@@ -60,6 +61,26 @@ def setup(level: str = "INFO", fmt: str = "text", secrets: list[str] | None = No
     logger.remove()
     logger.configure(patcher=patch)
     logger.add(write, level=level, format=TEXT, serialize=(fmt == "json"), backtrace=False, diagnose=False)
+    _route_standard_logging()
+
+
+class _ToLoguru(logging.Handler):
+    """Standard-library log records (psycopg's pool logs this way) as loguru lines: the same format, the same masking."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, "{}: {}", record.name, record.getMessage())
+
+
+def _route_standard_logging() -> None:
+    """psycopg logs with the standard library: through loguru instead, never raw to stderr (a JSON log stays JSON)."""
+    psycopg = logging.getLogger("psycopg")
+    psycopg.handlers = [_ToLoguru()]
+    psycopg.propagate = False  # not to the root logger too
+    psycopg.setLevel(logging.WARNING)  # the pool's INFO chatter is not the agent's
 
 
 def _masked_json(line: str, mask: Callable[[str], str]) -> str:

@@ -18,17 +18,15 @@ Labels carry configured names only, never a URL or an error text.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
-from state.ledger import FLOW_STATUSES, Execution, Finish, Ledger
+from state.base import FLOW_STATUSES, Execution, Finish, Ledger
 
 POLL_OUTCOMES = ("ok", "failed")
 RECORD_KINDS = ("new", "duplicate", "primed", "quarantined")
@@ -111,15 +109,4 @@ class _LedgerGauges:
             if row and row.get("last_success") is not None:
                 last.add_metric([name], row["last_success"])
         yield last
-        yield GaugeMetricFamily("sync_agent_ledger_bytes", "Bytes of the ledger file and its write-ahead log.", value=ledger_bytes(self.config.ledger_path))
-
-
-def ledger_bytes(path: Path) -> int:
-    """The size on disk of the ledger and its -wal file (what grows)."""
-    total = 0
-    for part in (path, path.with_name(path.name + "-wal")):
-        try:
-            total += os.stat(part).st_size
-        except OSError:
-            pass
-    return total
+        yield GaugeMetricFamily("sync_agent_ledger_bytes", "Bytes of the ledger file and its write-ahead log.", value=self.ledger.size() or 0)

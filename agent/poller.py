@@ -28,8 +28,7 @@ from loguru import logger
 from agent.config import Config
 from agent.templates import RenderError, Templates
 from sources.base import Page, SourceConfig, SourceError
-from state.base import LedgerError
-from state.ledger import Admission, Ledger
+from state.base import Admission, LeaseLost, Ledger, LedgerError
 
 
 class BadRecord(ValueError):
@@ -51,6 +50,7 @@ class PollResult:
     cursor: str | None = None
     bad: list[str] = field(default_factory=list)
     run: dict[str, str] = field(default_factory=dict)  # the run parameters of a poll on demand (an extra poll)
+    elsewhere: bool = False  # not polled here: another agent holds the source's lease
 
 
 def content_hash(record: Any) -> str:
@@ -65,6 +65,8 @@ def _text_key(value: Any, name: str) -> str:
     text = str(value)
     if not text.strip():
         raise BadRecord(f"field {name!r} is empty")
+    if "\x00" in text:  # no ledger column can hold it (PostgreSQL text cannot), and no sink expects it in an id
+        raise BadRecord(f"field {name!r} holds a NUL character, not a usable id")
     return text
 
 
@@ -95,6 +97,8 @@ def identify(record: Any, cfg: SourceConfig) -> Admission:
     digest = hashlib.sha256(canonical).hexdigest()
     updated = record.get(cfg.updated) if cfg.updated else None
     version = "" if updated is None else str(updated)
+    if "\x00" in version:
+        raise BadRecord(f"field {cfg.updated!r} holds a NUL character")
     key = digest if cfg.dedupe == "content" else key
     entity = _text_key(record[cfg.entity], cfg.entity) if cfg.entity and record.get(cfg.entity) is not None else (rid if cfg.dedupe != "content" else key)
     return Admission(key=key, id=rid, version=version, hash=digest, entity=entity, context={"record": record})
@@ -190,7 +194,15 @@ class Poller:
     def poll(self, name: str, run: dict[str, str] | None = None) -> PollResult:
         """One poll; a bad value from the view or a bug fails this poll, never the agent, and what was admitted stays.
 
-        With ``run`` parameters it is an extra poll (see the module docstring)."""
+        With ``run`` parameters it is an extra poll (see the module docstring). When the source's lease passes to
+        another agent during the poll, it ends at once: what was admitted stays, nothing more is written for it."""
+        try:
+            return self._poll(name, run)
+        except LeaseLost as error:
+            logger.bind(source=name).warning("{}: {}", name, error)
+            return PollResult(name, run=dict(run or {}), error=str(error), elsewhere=True)
+
+    def _poll(self, name: str, run: dict[str, str] | None) -> PollResult:
         cfg = self.config.sources[name]
         result = PollResult(name, run=dict(run or {}))
         log = logger.bind(source=name)
@@ -211,7 +223,7 @@ class Poller:
             result.error = str(error)
         except RenderError as error:
             result.error = str(error)
-        except LedgerError:
+        except (LedgerError, LeaseLost):
             raise
         except Exception as error:  # a value no check foresaw: this poll fails, the records admitted so far stay
             log.opt(exception=error).debug("poll of {} failed unexpectedly", name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import queue
-import sqlite3
 import threading
 import time
 import uuid
@@ -34,8 +33,8 @@ from agent.secrets import Masker
 from agent.timing import Daily, Every, Job, Timetable
 from sinks.base import SinkError
 from sources.base import SourceError
-from state.base import LedgerError
-from state.ledger import WAITING, Execution, Finish, Ledger
+from state import open_ledger
+from state.base import WAITING, Execution, Finish, Ledger, LedgerError
 from agent.timing import utc_text as _when
 
 
@@ -74,7 +73,7 @@ def build_connector(config: Config, name: str, *, clock: Callable[[], float] = t
     """One configured connector with its session (the configured auth, a pool of `concurrency`), clock and folder."""
     cfg = config.connectors[name]
     available = {"session": session_factory(config.auth.get(f"connectors.{name}"), config.agent.concurrency),
-                 "clock": clock, "base_dir": config.base_dir}
+                 "clock": clock, "base_dir": config.base_dir, "templates": config.templates}
     return build(sinks.connector_class(cfg.kind), cfg, available, f"connectors.{name}", str(config.path))
 
 
@@ -202,7 +201,12 @@ class Agent:
         templates = config.templates
         self.sources, self.connectors = build_plugins(config, clock=clock, session_factory=session_factory, stopping=self.stopping)
         self.failpoint = failpoints.from_env()
-        self.ledger = ledger or Ledger(config.ledger_path, failpoint=self.failpoint, mask=self._mask)  # after the plugins: a config error touches no ledger
+        # after the plugins: a config error touches no ledger
+        self.ledger = ledger or open_ledger(config.ledger_location, failpoint=self.failpoint, mask=self._mask)
+        self._running: dict[int, Execution] = {}  # claimed and not yet recorded: their leases are renewed by the heartbeat
+        self._running_lock = threading.Lock()
+        self._beating = threading.Event()  # set: the heartbeat thread ends
+        self._heartbeat()  # this agent's row and nothing held yet: `status` lists it from the start
         version = versions.of(config)
         self.version = self.ledger.use_config(version.hash, version.text, version.sections, version.flows, clock())
         self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates, failpoint=self.failpoint, version=self.version)
@@ -216,10 +220,16 @@ class Agent:
             logger.warning("{} execution(s) were interrupted by a stop; they are due again now, with the same idempotency keys", recovered)
         self.ledger.wake_paused(clock())  # a restart is often the fix (a new password): probe paused work at once
         self._recorded = self._restore_unreachable()  # connector -> (since, why), as the ledger has it
+        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
 
     def close(self) -> None:
+        self._beating.set()
         if self._workers is not None:
             self._workers.shutdown()
+        try:
+            self.ledger.release(self.clock())  # other agents take this one's sources at once, not after a lease
+        except LedgerError as error:
+            logger.warning("could not give up this agent's leases ({}); other agents take them over when they run out", error)
         for connector in self.connectors.values() if not self.abandoned else ():  # a stuck call may hold one: the process's end closes it
             try:
                 connector.close()
@@ -238,8 +248,31 @@ class Agent:
             logger.warning("connector {!r}: unreachable since {} when the agent last ran ({}); it is probed first", name, _when(since), why)
         return known
 
+    # -- leases: a heartbeat renews this agent's source and delivery leases every third of `lease` ----------------
+    def _beat(self) -> None:
+        while not self._beating.wait(self.config.agent.lease / 3):
+            try:
+                self._heartbeat()
+            except LedgerError as error:  # the local deadlines run on: this agent stops polling and starting steps in time
+                logger.warning("could not renew this agent's leases: {}", error)
+            except Exception:
+                logger.exception("the heartbeat failed unexpectedly")
+
+    def _heartbeat(self) -> None:
+        with self._running_lock:
+            running = list(self._running.values())
+        lost = self.ledger.heartbeat(self.clock(), self.config.agent.lease, running)
+        for source in lost.lost_sources:
+            logger.warning("source {!r}: another agent took over its lease; this agent polls it no more while that one runs", source)
+        if lost.lost_executions:
+            logger.warning("{} execution(s) in flight lost their lease to another agent; their outcomes will not be recorded here",
+                           len(lost.lost_executions))
+
     def poll(self, name: str, run: dict[str, str] | None = None) -> PollResult:
-        """Poll one source now; with ``run`` parameters an extra poll that leaves the cursor where it is."""
+        """Poll one source now (when this agent holds its lease); with ``run`` parameters an extra poll that leaves the cursor where it is."""
+        if not self.ledger.take_source(name, self.clock(), self.config.agent.lease):
+            logger.bind(source=name).debug("{}: another agent holds its lease and polls it", name)
+            return PollResult(name, run=dict(run or {}), elsewhere=True)
         try:
             result = self.poller.poll(name, run=run)
         finally:
@@ -292,11 +325,15 @@ class Agent:
             # when a paused connector answered again, its waiting work becomes due in the same transaction
             wake = self.runner.take_resumed()
             claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease, wake=wake)
-            batch = []
             self._record_unreachable()
             if claimed:
                 self.metrics.claimed(claimed)
                 self.failpoint("after_claim")
+            with self._running_lock:
+                for ex, _ in batch:
+                    self._running.pop(ex.id, None)
+                self._running.update((ex.id, ex) for ex in claimed)
+            batch = []
             for ex in claimed:
                 self._know_version(ex.version)
                 in_flight[workers.submit(self._run, ex)] = ex
@@ -407,7 +444,8 @@ class Agent:
 
     def run_forever(self) -> None:
         """Poll at start and on each source's schedule, deliver continuously, until ``stopping`` is set."""
-        logger.info("agent running: {} source(s), {} flow(s), ledger {}", len(self.sources), len(self.config.flows), self.config.ledger_path)
+        logger.info("agent running: {} source(s), {} flow(s), ledger {}, agent id {}", len(self.sources), len(self.config.flows),
+                    self.config.ledger_shown, self.ledger.worker)
         # the loop sleeps on _wake, which a run request sets too; this thread passes a stop on to it (costing nothing meanwhile)
         threading.Thread(target=self._wake_on_stop, name="stop-watch", daemon=True).start()
         while not self.stopping.is_set():
@@ -501,7 +539,7 @@ class Agent:
         wakes = [self._timetable.next_wake(now)]
         try:
             wakes.append(self.ledger.next_due(after=drain_started))
-        except sqlite3.Error:
+        except LedgerError:
             pass  # tried again at the next wake
         return min(wake for wake in wakes if wake is not None)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, UndefinedError
 from jinja2.exceptions import SecurityError, TemplateError
@@ -35,8 +35,23 @@ def _tojson(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, indent=indent, ensure_ascii=False, default=str)
 
 
-def _environment(autoescape: bool) -> SandboxedEnvironment:
-    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True)
+class _Finalized(Exception):
+    """A finalize function refused a value: its own message is the error, as it is."""
+
+
+def _guarded(finalize: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def apply(value: Any) -> Any:
+        try:
+            return finalize(value)
+        except ValueError as error:
+            raise _Finalized(str(error)) from None
+
+    return apply
+
+
+def _environment(autoescape: bool, finalize: Callable[[Any], Any] | None = None) -> SandboxedEnvironment:
+    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True,
+                               finalize=_guarded(finalize) if finalize else None)
     env.filters["tojson"] = _tojson  # readable JSON: no \\u escapes of umlauts in an email body
     return env
 
@@ -61,30 +76,42 @@ def split_outside_tags(template: str, sep: str = ",") -> list[str]:
 
 
 class Templates:
-    """Compiles (once) and renders config templates; ``autoescape`` for HTML fields."""
+    """Compiles (once) and renders config templates; ``autoescape`` for HTML fields.
+
+    ``finalize`` (a function of the caller, such as the http connector's URL
+    encoding) is applied to every value an expression places in the text; a
+    ValueError it raises becomes the RenderError's message as it is.
+    """
 
     def __init__(self) -> None:
-        self._envs = {False: _environment(False), True: _environment(True)}
+        self._envs: dict[tuple, SandboxedEnvironment] = {}
         self._compile = lru_cache(maxsize=4096)(self._compile_uncached)
 
-    def _compile_uncached(self, source: str, autoescape: bool, expression: bool):
-        env = self._envs[autoescape]
+    def _env(self, autoescape: bool, finalize: Callable[[Any], Any] | None) -> SandboxedEnvironment:
+        key = (autoescape, finalize)
+        if key not in self._envs:  # a handful: two autoescape modes, a few finalize functions
+            self._envs[key] = _environment(autoescape, finalize)
+        return self._envs[key]
+
+    def _compile_uncached(self, source: str, autoescape: bool, expression: bool, finalize: Callable[[Any], Any] | None = None):
+        env = self._env(autoescape, finalize)
         if expression:
             return env.compile_expression(source, undefined_to_none=False)
         single = _SINGLE.match(source)
-        if single and not autoescape:
+        if single and not autoescape and finalize is None:
             return env.compile_expression(single["expr"], undefined_to_none=False)
         return env.from_string(source).render
 
-    def render(self, template: Any, context: dict[str, Any], autoescape: bool = False) -> Any:
+    def render(self, template: Any, context: dict[str, Any], autoescape: bool = False,
+               finalize: Callable[[Any], Any] | None = None) -> Any:
         """Render a template string, or every string inside a table/list of templates."""
         if isinstance(template, dict):
-            return {k: self.render(v, context, autoescape) for k, v in template.items()}
+            return {k: self.render(v, context, autoescape, finalize) for k, v in template.items()}
         if isinstance(template, list):
-            return [self.render(v, context, autoescape) for v in template]
+            return [self.render(v, context, autoescape, finalize) for v in template]
         if not isinstance(template, str) or not any(mark in template for mark in ("{{", "{%", "{#")):
             return template
-        return self._run(self._compile(template, autoescape, False), context, template)
+        return self._run(self._compile(template, autoescape, False, finalize), context, template)
 
     def evaluate(self, expression: str, context: dict[str, Any]) -> Any:
         """Evaluate a bare Jinja expression (a filter's ``when``)."""
@@ -97,6 +124,8 @@ class Templates:
             if isinstance(value, Undefined):
                 str(value)  # StrictUndefined raises here, naming the missing field
             return value
+        except _Finalized as error:
+            raise RenderError(str(error)) from None
         except UndefinedError as error:
             raise RenderError(f"missing field: {error.message}{_missing_hint(error.message or '', source, context)}") from None
         except SecurityError as error:
@@ -106,7 +135,12 @@ class Templates:
 
     def check_step(self, step: Any) -> None:
         """Compile every template of a step now, so a syntax error is a config error."""
-        for field, source, expression in templates_of(step):
+        when = getattr(getattr(step, "retry", None), "when", None)
+        self.check([*templates_of(step), *([("retry.when", when, True)] if when else [])])
+
+    def check(self, found: Iterable[tuple[str, str, bool]]) -> None:
+        """Compile (field, template, is_expression) triples; TemplateSyntaxProblem names the first that does not parse."""
+        for field, source, expression in found:
             try:
                 self._compile(source, False, expression)
             except TemplateSyntaxError as error:
@@ -135,7 +169,7 @@ def templates_of(step: Any):
     if step.kind == "filter":
         yield "when", step.when, True
         return
-    tables = {"fields": step.fields} if step.kind == "map" else {**step.inputs, "body": step.body}
+    tables = {"fields": step.fields} if step.kind == "map" else {**step.inputs, "body": step.body, "output": step.output}
     for name, value in tables.items():
         yield from _strings(name, value)
 
@@ -149,3 +183,18 @@ def _strings(path: str, value: Any):
     elif isinstance(value, list):
         for i, v in enumerate(value):
             yield from _strings(f"{path}[{i}]", v)
+
+
+class StepOutputs(list):
+    """``steps`` in a template: earlier steps' outputs by index (``steps[0]``) and by step id (``steps.upsert``)."""
+
+    def __init__(self, outputs: list[Any], ids: dict[str, int]):
+        super().__init__(outputs)
+        self._ids = ids
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, str):
+            if item not in self._ids:
+                raise KeyError(item)  # Jinja makes it undefined: a missing-field error naming it
+            return super().__getitem__(self._ids[item])
+        return super().__getitem__(item)

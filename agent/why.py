@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from state.ledger import Ledger
+from state.base import Ledger
 from agent.timing import utc_text as _when
 
 DONE = {"succeeded": "delivered", "filtered": "filtered out: nothing to send", "superseded": "replaced by a newer version before it started"}

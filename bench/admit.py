@@ -20,7 +20,8 @@ import time
 from typing import Iterator
 
 from common import PAGE, Row, human, main, scratch, timed
-from state.ledger import Admission, Ledger
+from state.base import Admission
+from state.sqlite import SqliteLedger as Ledger
 from viewserver import make_leads
 
 SOURCE, FLOWS, NOW = "leads", [("leads-to-crm", False)], 1.8e9

@@ -5,6 +5,17 @@ A connector is constructed from its validated ``Config`` plus injected I/O
 
     run(action: Action, data: dict, key: str) -> Outcome
     close() -> None                  # release connections (optional work)
+    dry_run(action, data, key) -> Outcome   # optional: build what run would send, send nothing
+
+``dry_run`` goes through the same code as ``run`` (input checks, address
+checks, header checks, URL encoding, a lookup's shape) and stops only before
+the network: ``succeeded`` with ``output`` describing what would go out, or the
+``failed`` Outcome that ``run`` would give before sending anything.
+
+A connector whose config holds templates of its own (an HTTP action's path,
+query, lookup, ``succeed_when``) asks for ``templates=`` in its constructor: a
+``Renderer`` the agent injects, so that ``sinks`` knows nothing of the
+template language. A template that fails raises ValueError naming the problem.
 
 ``data`` is the action's input, already rendered by the agent and validated
 against the model that ``Config.actions()`` names for that action. ``key`` is
@@ -37,7 +48,7 @@ import email.header
 import re
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Callable, Literal, Protocol
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
@@ -61,6 +72,15 @@ class Action:
         return f"{self.object} > {self.verb}"
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A server's answer as far as it was read: what ``succeed_when`` and ``retry.when`` look at."""
+
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: Any  # the parsed JSON, else the text, else None
+
+
 @dataclass
 class Outcome:
     status: Literal["succeeded", "failed", "retryable", "paused"]
@@ -70,6 +90,7 @@ class Outcome:
     retry_after: float | None = None  # seconds the server asked us to wait
     condition: str | None = None  # what went wrong, for retry `on`: "timeout", "connection", "5xx", "429", ...
     unreachable: bool = False  # no connection could be made (refused, DNS, connect timeout): nothing reached the sink
+    reply: Reply | None = None  # the answer the outcome was judged on, when there was one
 
     @classmethod
     def ok(cls, output: Any = None, status_code: int | None = None) -> "Outcome":
@@ -80,6 +101,20 @@ class Connector(Protocol):
     def run(self, action: Action, data: dict[str, Any], key: str) -> Outcome: ...
 
     def close(self) -> None: ...
+
+
+class Renderer(Protocol):
+    """The agent's templates, as a connector may use them (injected as ``templates=``).
+
+    ``finalize`` is applied to every value an expression places in the text
+    (how a URL template encodes data); ``evaluate`` runs a bare expression.
+    Both raise ValueError for a template that fails for these values.
+    """
+
+    def render(self, template: Any, context: dict[str, Any], autoescape: bool = False,
+               finalize: Callable[[Any], Any] | None = None) -> Any: ...
+
+    def evaluate(self, expression: str, context: dict[str, Any]) -> Any: ...
 
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -127,6 +162,14 @@ class ConnectorConfig(BaseModel):
     @abstractmethod
     def actions(self) -> dict[Action, type[BaseModel]]:
         """Every action this connector offers with the pydantic model of its input."""
+
+    def describe(self, action: Action) -> dict[str, Any]:
+        """What an action does at the sink, for `agent actions` (an http action: its method and path template)."""
+        return {}
+
+    def templates(self) -> list[tuple[str, str, bool]]:
+        """(key path under the connector's table, template, is_expression) of every template the table holds."""
+        return []
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

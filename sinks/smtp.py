@@ -231,6 +231,18 @@ class SmtpConnector:
         output = {"message_id": mail.message_id, "refused": {addr: _reply_text(code, text) for addr, (code, text) in refused.items()}}
         return Outcome.ok(output, status_code=250)
 
+    def dry_run(self, action: Action, data: dict[str, Any], key: str) -> Outcome:
+        """Compose the message as run does (every address and header check) and send nothing."""
+        if action != SEND:
+            raise ActionError(f"smtp offers only '{SEND}', not '{action}'")
+        try:
+            mail = compose(data, sender=self.config.sender, key=key, now=self._clock())
+        except InvalidMessage as exc:
+            return Outcome("failed", error=str(exc))
+        head, _, _ = mail.raw.partition(b"\r\n\r\n")
+        return Outcome.ok({"mail_from": mail.sender, "rcpt_to": mail.recipients, "message_id": mail.message_id,
+                           "headers": head.decode("ascii", "replace").replace("\r\n ", " ").split("\r\n")})
+
     def close(self) -> None:
         """Say QUIT and close the connection, if one is open."""
         with self._lock:

@@ -39,3 +39,27 @@ def cli(capfd):
     yield run
     logger.remove()  # main() routed loguru to this test's captured stderr, which is closed after the test
     logger.add(sys.stderr)
+
+
+# -- a real PostgreSQL (tests/pgserver.py): one server per test process, one database per test ----------------
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server for this test process (each xdist worker starts its own); stopped at the end.
+
+    When it cannot be started, every test that needs it fails with the reason (never skips)."""
+    from pgserver import PgServer, PgServerError
+
+    try:
+        server = PgServer.start()
+    except PgServerError as error:
+        pytest.fail(f"PostgreSQL could not be started: {error}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """The URL of a fresh, empty database (copied from the server's template), dropped after the test."""
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)

@@ -105,8 +105,8 @@ PLANTS = {
     # the execution is marked done when claimed, before the send; the real outcome overwrites it afterwards,
     # so only a stop between the claim and the send loses the record (as it does in such an agent)
     "done_before_send": """
-        import state.ledger as L
-        claim, finish_one = L.Ledger.finish_and_claim, L.Ledger._finish_one
+        import state.sqlite as L
+        claim, finish_one = L.SqliteLedger.finish_and_claim, L.SqliteLedger._finish_one
         def done_first(self, done, now, limit, lease):
             claimed = claim(self, done, now, limit, lease)
             with self.write() as conn:
@@ -115,19 +115,19 @@ PLANTS = {
         def finish(self, conn, ex, result, now):
             conn.execute("UPDATE executions SET status = 'running' WHERE id = ? AND status = 'succeeded'", (ex.id,))
             finish_one(self, conn, ex, result, now)
-        L.Ledger.finish_and_claim, L.Ledger._finish_one = done_first, finish
+        L.SqliteLedger.finish_and_claim, L.SqliteLedger._finish_one = done_first, finish
     """,
     # a step recorded as sent is sometimes scheduled again: the same key goes out again from the same process
     "resend_sent": """
         import random
-        import state.ledger as L
-        finish_one = L.Ledger._finish_one
+        import state.sqlite as L
+        finish_one = L.SqliteLedger._finish_one
         def finish(self, conn, ex, result, now):
             sent = result.attempt and result.attempt["outcome"] == "succeeded"
             if result.status == "succeeded" and sent and random.random() < 0.3:
                 result = L.Finish("retrying", result.attempt["step"], result.context, next_at=now, attempt=result.attempt)
             finish_one(self, conn, ex, result, now)
-        L.Ledger._finish_one = finish
+        L.SqliteLedger._finish_one = finish
     """,
     # the cursor is the highest timestamp seen, compared with '>' (no overlap): the view's filter is '>=' on
     # whole seconds, so asking from one second later is asking for strictly newer records
@@ -157,13 +157,13 @@ PLANTS = {
     # versions of an entity go out in the order they arrived, whatever their `updated`: the view serves newest first,
     # so a newer version shown together with an older one is delivered first
     "arrival_order": """
-        import state.ledger as L
-        admit = L.Ledger.admit
+        import state.sqlite as L
+        admit = L.SqliteLedger.admit
         def undated(self, source, items, *args, **kwargs):
             for item in items:
                 item.version_at = None
             return admit(self, source, items, *args, **kwargs)
-        L.Ledger.admit = undated
+        L.SqliteLedger.admit = undated
     """,
 }
 

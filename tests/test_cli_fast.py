@@ -18,7 +18,7 @@ import pytest
 from viewserver import make_leads
 
 HEAVY = ("pydantic", "pydantic_settings", "jinja2", "sqlite_utils", "loguru", "requests", "schedule",
-         "agent.config", "agent.process", "state.ledger")
+         "agent.config", "agent.process", "state.sqlite")
 
 
 

@@ -166,13 +166,13 @@ def test_a_default_is_used_when_the_variable_is_unset(write, monkeypatch):
     monkeypatch.delenv("SYNC_LEDGER", raising=False)
     monkeypatch.delenv("SYNC_EMPTY", raising=False)
     config = load(write(edit('ledger = "var/agent.db"', 'ledger = "${SYNC_LEDGER:-var/other.db}${SYNC_EMPTY:-}"')))
-    assert config.agent.ledger == Path("var/other.db")
+    assert config.agent.ledger == "var/other.db"
 
 
 def test_a_set_variable_wins_over_its_default(write, monkeypatch):
     monkeypatch.setenv("SYNC_LEDGER", "data/ledger.db")
     config = load(write(edit('ledger = "var/agent.db"', 'ledger = "${SYNC_LEDGER:-var/other.db}"')))
-    assert config.agent.ledger == Path("data/ledger.db")
+    assert config.agent.ledger == "data/ledger.db"
 
 
 def test_a_substituted_number_is_validated_as_a_number(write, monkeypatch):
@@ -198,7 +198,7 @@ def test_an_unset_variable_without_default_names_the_key_path(fails, monkeypatch
 def test_a_default_is_used_when_the_variable_is_empty(write, monkeypatch):
     monkeypatch.setenv("SYNC_LEDGER", "")
     config = load(write(edit('ledger = "var/agent.db"', 'ledger = "${SYNC_LEDGER:-var/other.db}"')))
-    assert config.agent.ledger == Path("var/other.db")
+    assert config.agent.ledger == "var/other.db"
 
 
 # --- each kind of error: the file, the key path, the bad value, what is allowed
@@ -267,7 +267,7 @@ ERRORS = [
         id="unknown-verb"),
     pytest.param(
         edit('body = "mapped"', 'body = "mapped"\nsubject = "hello"'),
-        "flows[0].steps[2].subject", "unknown key for 'crm > leads > upsert' (allowed: action, body, id, kind, proceed_on_failure, retry, wait_for_response)",
+        "flows[0].steps[2].subject", "unknown key for 'crm > leads > upsert' (allowed: action, body, id, kind, output, proceed_on_failure, retry, wait_for_response)",
         id="unknown-action-input"),
     pytest.param(
         edit('body = "mapped"', 'body = "mapped"\nretry = { on = ["timeout", "sometimes"] }'),
@@ -361,7 +361,7 @@ source = "leads"
 @pytest.mark.parametrize("old, new, path, allowed", [
     ('kind = "filter"', 'kind = "filter"\n  wehn = "true"', "flows[0].steps[0].wehn", "id, kind, when"),
     ('body = "mapped"', 'body = "mapped"\nretry = { intervall = "5s" }', "flows[0].steps[2].retry.intervall",
-     "attempts, backoff, interval, jitter, max_interval, on, window"),
+     "attempts, backoff, interval, jitter, max_interval, on, when, window"),
 ], ids=["filter-step", "retry-table"])
 def test_a_typo_inside_a_step_lists_the_keys_of_that_step(fails, old, new, path, allowed):
     assert only(fails(edit(old, new))) == (path, f"unknown key (a typo?); allowed here: {allowed}")

@@ -82,6 +82,8 @@ CASES = [pytest.param(case, value, id=f"{case}={value}")
 def config_text(section: str = "", line: str = "") -> str:
     """The config with `line` added to `section` (a key of SECTIONS)."""
     slots = {slot: "" for slot in SECTIONS.values()}
+    if section == "agent":  # a lease is at least twice the longest connector timeout: short ones make room for its bounds
+        slots["http"] = slots["smtp"] = 'timeout = "100ms"'
     if section:
         slots[SECTIONS[section]] = line
     return CONFIG.format(**slots)
@@ -136,3 +138,20 @@ def test_a_boolean_is_not_a_duration(tmp_path, cli):
     status, _, err = cli("--config", str(cfg), "validate", "--offline")
     assert status == 2
     assert err == f"{cfg}: sources.leads.every: True is not a duration; write a number and a unit: '30s', '5m', '1h', '1d'\n"
+
+
+def test_a_lease_shorter_than_twice_a_connector_timeout_is_a_config_error(tmp_path, cli):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(CONFIG.format(agent='lease = "50s"', source="", file="", http='timeout = "30s"', smtp='timeout = "10s"', retry=""))
+    status, out, err = cli("--config", str(cfg), "validate", "--offline")
+    assert status == 2
+    assert err == (f"{cfg}: agent.lease: 50s is shorter than twice the longest connector timeout (connectors.crm.timeout = 30s); "
+                   "make the lease at least 60s or the timeout shorter\n")
+
+
+def test_an_unset_lease_grows_to_twice_the_longest_connector_timeout(tmp_path):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(CONFIG.format(agent="", source="", file="", http='timeout = "1h"', smtp="", retry=""))
+    assert load(cfg).agent.lease == 7200.0
+    cfg.write_text(CONFIG.format(agent="", source="", file="", http="", smtp="", retry=""))
+    assert load(cfg).agent.lease == 300.0  # the default, more than twice the default timeouts

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.flows import idempotency_key
-from state.ledger import Ledger
+from state.sqlite import SqliteLedger as Ledger
 from smtpserver import HostileSmtpServer, SmtpServer, make_certificate
 from viewserver import ViewServer, make_leads, update
 

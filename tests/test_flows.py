@@ -8,7 +8,8 @@ import pytest
 from agent.config import load
 from agent.flows import OUTPUT_EXCERPT, UNREACHABLE_PROBE, FlowRunner, idempotency_key, reads_steps, unreachable_reason
 from sinks.base import ActionError, Outcome
-from state.ledger import Admission, Ledger
+from state.base import Admission
+from state.sqlite import SqliteLedger as Ledger
 
 NOW = 1_800_000_000.0
 

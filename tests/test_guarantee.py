@@ -16,7 +16,7 @@ from agent import logs
 from agent.cli import main
 from agent.config import load
 from agent.process import Agent
-from state.ledger import Ledger
+from state.sqlite import SqliteLedger as Ledger
 from viewserver import ViewServer, make_leads, update
 
 FORMAT = "%Y-%m-%dT%H:%M:%SZ"

@@ -1,11 +1,13 @@
 """The ledger on a real SQLite file: admission, claims, finishing, recovery, locking, damage."""
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
 from state.base import LedgerBusy, LedgerDamaged
-from state.ledger import TOUCH_EVERY, Admission, Finish, Ledger
+from state.base import TOUCH_EVERY, Admission, Finish
+from state.sqlite import SqliteLedger as Ledger
 
 NOW = 1_800_000_000.0
 
@@ -24,7 +26,7 @@ def test_fresh_file_is_created_migrated_and_private(tmp_path):
     path = tmp_path / "var" / "agent.db"
     with Ledger(path) as led:
         assert set(led.db.table_names()) >= {"records", "executions", "attempts", "cursors", "polls", "meta", "quarantine"}
-        assert led.db["meta"].get("schema_version")["value"] == "4"
+        assert led.db["meta"].get("schema_version")["value"] == "5"
         assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     for name in ("agent.db", "agent.db-wal", "agent.db-shm"):
@@ -308,7 +310,7 @@ def test_a_fresh_mark_is_not_rewritten_on_every_poll(ledger):
 def test_an_old_ledger_migrates_forward_and_keeps_its_records(tmp_path):
     import sqlite3
     from sqlite_utils import Database
-    from state.ledger import m001_initial
+    from state.sqlite import m001_initial
     path = tmp_path / "old.db"
     db = Database(path)
     m001_initial(db)
@@ -319,7 +321,7 @@ def test_an_old_ledger_migrates_forward_and_keeps_its_records(tmp_path):
     db.conn.close()
     with Ledger(path) as led:
         assert led.seen("s", {"k"}) == {"k": NOW}
-        assert led.db["meta"].get("schema_version")["value"] == "4"
+        assert led.db["meta"].get("schema_version")["value"] == "5"
     assert sqlite3.connect(path).execute("SELECT last_seen FROM records").fetchone() == (None,)
 
 
@@ -348,3 +350,21 @@ def test_missing_parent_folders_are_created_private_whatever_the_umask(tmp_path)
         os.umask(old)
     for folder in (tmp_path / "data", tmp_path / "data" / "var"):
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+
+
+def test_a_ledger_of_schema_4_migrates_to_fenced_leases_without_loss(tmp_path):
+    """A ledger written by the agent before leases had epochs: its records, cursor and work all carry over."""
+    import shutil
+    path = tmp_path / "agent.db"
+    shutil.copy(Path(__file__).parent / "data" / "ledger-schema4.db", path)
+    with Ledger(path) as led:
+        assert led.db["meta"].get("schema_version")["value"] == "5"
+        assert set(led.seen("s", {"0", "1", "2", "3"})) == {"0", "1", "2", "3"}
+        assert led.cursor("s")["value"] == "2026-01-01T00:00:00Z"
+        assert led.counts() == {"f": {"pending": 2, "running": 1, "succeeded": 1}}
+        assert led.recover(NOW + 10) == 1  # the send the old agent was killed in goes again, same key
+        claimed = led.claim(NOW + 10, 10, 300)
+        assert sorted(ex.key for ex in claimed) == ["1", "2", "3"]
+        assert all(ex.epoch == 1 for ex in claimed)
+        led.finish(claimed[0], Finish("succeeded", 1, claimed[0].context), NOW + 11)
+        assert led.counts()["f"]["succeeded"] == 2

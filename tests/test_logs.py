@@ -66,3 +66,23 @@ def test_progress_with_no_stream_given_shows_on_the_terminal_stderr_is(monkeypat
     assert progress.enabled
     progress("page 1")
     assert "page 1" in tty.getvalue()
+
+
+def test_psycopg_warnings_come_out_as_agent_log_lines_in_json(capsys):
+    """The PostgreSQL driver logs through the standard library: its lines must be the agent's lines (a JSON log stays JSON)."""
+    import io
+    import json
+    import logging
+
+    from agent import logs
+
+    out = io.StringIO()
+    logs.setup("INFO", "json", secrets=["hunter2hunter2"], sink=out)
+    logging.getLogger("psycopg.pool").warning("discarding closed connection to %s", "postgresql://a:hunter2hunter2@db/x")
+    logging.getLogger("psycopg.pool").info("pool chatter")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry["record"]["level"]["name"] == "WARNING"
+    assert "discarding closed connection" in entry["text"] and "hunter2hunter2" not in lines[0]
+    assert capsys.readouterr().err == ""

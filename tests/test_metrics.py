@@ -12,7 +12,7 @@ from agent.metrics import Metrics
 from agent.poller import PollResult
 from agent.process import Agent
 from sinkserver import SinkServer
-from state.ledger import Execution, Finish
+from state.base import Execution, Finish
 from test_cli_integration import PASSWORD
 from test_endpoint import TOKEN, free_port, listening_config, wait_for
 from viewserver import ViewServer, make_leads

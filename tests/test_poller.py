@@ -8,7 +8,7 @@ from agent.config import load
 from agent.http import build_session
 from agent.poller import BadRecord, Poller, cursor_value, identify
 from sources.rest import RestSource
-from state.ledger import Ledger
+from state.sqlite import SqliteLedger as Ledger
 from viewserver import ViewServer, make_leads, update
 
 NOW = 1_800_000_000.0
@@ -55,7 +55,7 @@ def keys(ledger) -> set[str]:
 
 @pytest.mark.parametrize("value, problem", [
     (None, "not a usable id"), ("", "empty"), (True, "not a usable id"), (1.5, "not a usable id"),
-    ([1], "not a usable id"), ({"a": 1}, "not a usable id"),
+    ([1], "not a usable id"), ({"a": 1}, "not a usable id"), ("a\x00b", "NUL character"),
 ])
 def test_unusable_ids_are_bad_records(tmp_path, value, problem):
     cfg = source_config(tmp_path, "http://127.0.0.1:9/x").sources["leads"]

@@ -7,7 +7,7 @@ import pytest
 
 from agent.cli import main
 from sinkserver import SinkServer
-from state.ledger import Ledger
+from state.sqlite import SqliteLedger as Ledger
 from test_cli_integration import PASSWORD, write_config
 from viewserver import ViewServer, make_leads
 

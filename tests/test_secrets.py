@@ -13,7 +13,8 @@ from loguru import logger
 from agent import logs
 from agent.secrets import Masker, masked
 from sinkserver import SinkServer
-from state.ledger import Admission, Finish, Ledger
+from state.base import Admission, Finish
+from state.sqlite import SqliteLedger as Ledger
 from viewserver import ViewServer, make_leads
 
 VIEW_USER, VIEW_PASS = "integration", "view-pass-Xq7v"

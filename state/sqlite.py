@@ -1,20 +1,14 @@
-"""The SQLite ledger: the only place that knows SQL.
+"""The SQLite ledger: the embedded default, one agent per file.
 
 One agent holds a ledger at a time (an exclusive ``flock`` on ``<ledger>.lock``).
 Every write is one ``BEGIN IMMEDIATE`` transaction; WAL with
 ``synchronous=FULL``; files are created 0600; ``PRAGMA quick_check`` at open;
 the schema migrates forward (sqlite-utils ``Migrations``) and an old ledger is
-never dropped.
+never dropped. The interface, its types and the statuses: ``state/base.py``.
 
-Execution statuses::
-
-    pending ─► running ─► succeeded | filtered | failed | dead
-                  │  ▲
-                  ▼  │
-           retrying / paused          superseded (retired before it started)
-
-Times are epoch seconds (floats) given by the caller: the ledger never reads
-the clock itself.
+Leases and epochs are kept as on PostgreSQL (one contract suite runs against
+both), but the flock makes this agent the only one: a lease left by a dead
+process is taken at once, and every running execution found at start is an orphan.
 """
 from __future__ import annotations
 
@@ -22,23 +16,28 @@ import fcntl
 import json
 import os
 import sqlite3
+import threading
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from loguru import logger
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from state.base import LedgerBusy, LedgerDamaged, LedgerError, LedgerUnwritable, masked
+from state.base import (
+    ACTIVE, FINISHED, MOVABLE, SCHEMA_VERSION, TOUCH_EVERY, WAITING, Admission, Admitted, Execution, Finish, LeaseLost,
+    LedgerBusy, LedgerDamaged, LedgerError, LedgerUnwritable, Renewed, chunks, masked, new_worker_id, to_json,
+)
 
-WAITING = ("pending", "retrying", "paused")
-ACTIVE = WAITING + ("running",)
-FINISHED = ("succeeded", "filtered", "superseded")
-FLOW_STATUSES = ("pending", "running", "retrying", "paused", "succeeded", "filtered", "superseded", "failed", "dead")  # as listings show them
-STATUSES = FLOW_STATUSES + ("quarantined",)  # what `executions --status` takes (quarantined: records, not executions)
-_IN_WAITING = f"IN {WAITING}"  # SQL: status IN ('pending', 'retrying', 'paused')
-_IN_ACTIVE = f"IN {ACTIVE}"
+_IN_WAITING = "IN ('pending', 'retrying', 'paused')"
+_IN_ACTIVE = "IN ('pending', 'retrying', 'paused', 'running')"
+_IN_MOVABLE = "IN ('pending', 'retrying', 'paused', 'failed', 'dead')"
+_IN_FINISHED = "IN ('succeeded', 'filtered', 'superseded')"
+assert {*WAITING} == {"pending", "retrying", "paused"} and {*ACTIVE} == {*WAITING, "running"}
+assert {*MOVABLE} == {*WAITING, "failed", "dead"} and {*FINISHED} == {"succeeded", "filtered", "superseded"}
+_json = to_json
 
 migrations = Migrations("sync-agent-ledger")
 
@@ -103,67 +102,15 @@ def m004_counts_by_flow(db: Database) -> None:
     db["executions"].create_index(["flow", "status"])  # status, /healthz and /metrics count by flow and status
 
 
-SCHEMA_VERSION = 4
-TOUCH_EVERY = 3600.0  # a re-shown key's last_seen is refreshed at most this often (a write per page, not per poll)
+@migrations()
+def m005_fenced_leases(db: Database) -> None:
+    db["executions"].add_column("epoch", int, not_null_default=0)  # the claim's fencing token
+    db["executions"].add_column("owner", str)  # the worker that claimed it
+    db["source_leases"].create({"source": str, "owner": str, "epoch": int, "lease_until": float}, pk="source")
+    db["agents"].create({"id": str, "host": str, "pid": int, "started": float, "heartbeat": float, "stopped": float}, pk="id")
+
+
 _UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
-
-
-@dataclass
-class Admission:
-    """One good record of a page, identified by the agent."""
-
-    key: str
-    id: str
-    version: str
-    hash: str
-    entity: str
-    context: dict  # what the flow starts from: {"record": ..., "cursor": ...}
-    version_at: float | None = None  # the version's `updated` as a number (None: order by arrival)
-    prime: bool = False  # mark seen without scheduling (the source's first run, `first_run = "skip"`)
-    rekeyed: bool = False  # known under the source's previous identity: mark seen under the new key, schedule nothing
-
-
-@dataclass
-class Admitted:
-    new: int = 0
-    primed: int = 0
-    duplicates: int = 0
-    superseded: int = 0
-    rekeyed: int = 0
-
-
-@dataclass
-class Execution:
-    id: int
-    flow: str
-    source: str
-    key: str
-    entity: str
-    step: int
-    attempts: int
-    first_attempt: float | None
-    context: dict
-    replay: int = 0
-    single: bool = False
-    version: int | None = None  # the config version it was admitted under (its flow definition)
-
-
-@dataclass
-class Finish:
-    """What one claimed execution's run came to; written in one transaction."""
-
-    status: str  # pending (more steps) | succeeded | filtered | retrying | paused | failed | dead
-    step: int
-    context: dict
-    next_at: float | None = None
-    error: str | None = None
-    attempt: dict | None = None  # step, started, finished, outcome, status_code, error
-    spawn: list[dict] = field(default_factory=list)  # single-step executions for wait_for_response = false
-
-
-def _json(value: Any) -> str:
-    # ASCII escapes keep a lone surrogate ("\ud800") from breaking the insert; it round-trips through json
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=str)
 
 
 def _private_folder(folder: Path) -> None:
@@ -177,15 +124,13 @@ def _private_folder(folder: Path) -> None:
         os.chmod(created, 0o700)
 
 
-def _chunks(values: Iterable[str], size: int = 500):
-    """(chunk, "?,?,…") pieces of `values` for `IN (…)`: SQLite caps the parameters of one statement."""
-    ordered = list(values)
-    for start in range(0, len(ordered), size):
-        chunk = ordered[start:start + size]
+def _chunks(values: Iterable[Any], size: int = 500):
+    """(chunk, "?,?,…") pieces of ``values`` for `IN (…)`."""
+    for chunk in chunks(values, size):
         yield chunk, ",".join("?" * len(chunk))
 
 
-class Ledger:
+class SqliteLedger:
     """The SQLite ledger file, held exclusively by this process while open."""
 
     def __init__(self, path: Path | str, *, hold: bool = True, busy_timeout: float = 5.0,
@@ -194,7 +139,13 @@ class Ledger:
         existing ledger beside a running agent (operator commands). Every text the ledger
         writes (errors, excerpts, contexts) passes through ``mask`` first: the agent hides secrets with it."""
         self.path = Path(path)
+        self.location = str(path)
         self.mask = mask
+        self.worker = new_worker_id()
+        self.fenced = 0  # writes rejected because a lease had passed on
+        self._held: dict[str, tuple[int, float]] = {}  # source -> (epoch, monotonic deadline) of the leases this agent holds
+        self._lost: set[str] = set()  # sources whose lease this agent lost: refused until it takes them again
+        self._guard = threading.RLock()  # the loop and the heartbeat thread share one connection: one transaction at a time
         self.real = self.path.resolve()  # a symlinked ledger is the same ledger: one lock, one file
         self.failpoint = failpoint  # fault tests crash the process inside transactions through this
         self.hold = hold
@@ -332,30 +283,55 @@ class Ledger:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __enter__(self) -> "Ledger":
+    def __enter__(self) -> "SqliteLedger":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One BEGIN IMMEDIATE transaction: all of it or none of it."""
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as error:
-            raise self._classify(error) from None
-        try:
-            yield self.conn
-            self.conn.execute("COMMIT")
-        except sqlite3.Error as error:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise self._classify(error) from None
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
+    def write(self, source: str | None = None) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction: all of it or none of it; for a held ``source``, fenced by its lease first."""
+        with self._guard:
+            self._still_held(source)
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as error:
+                raise self._classify(error) from None
+            try:
+                self._fence(source)
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as error:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise self._classify(error) from None
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+
+    def _still_held(self, source: str | None) -> None:
+        """A source lease past its local deadline, or found lost by a heartbeat, is lost without asking the database."""
+        if source in self._lost:
+            self._lose(source, "another agent holds its lease now")
+        if source in self._held and time.monotonic() > self._held[source][1]:
+            self._lose(source, "its lease ran out before it could be renewed")
+
+    def _fence(self, source: str | None) -> None:
+        """The first statement of a source's write: is the lease still this agent's, at the epoch it took?"""
+        if source not in self._held:
+            return
+        row = self.conn.execute("SELECT 1 FROM source_leases WHERE source = ? AND owner = ? AND epoch = ?",
+                                (source, self.worker, self._held[source][0])).fetchone()
+        if row is None:
+            self._lose(source, "another agent holds its lease now")
+
+    def _lose(self, source: str, why: str) -> None:
+        self._held.pop(source, None)
+        self._lost.add(source)
+        self.fenced += 1
+        raise LeaseLost(f"source {source!r}: {why}; this agent writes nothing more for it")
 
     def _text(self, text: str | None) -> str | None:
         """A text as the ledger keeps it: masked."""
@@ -367,9 +343,24 @@ class Ledger:
         return text if self.mask(text) == text else _json(masked(value, self.mask))
 
     def _rows(self, sql: str, params: Iterable = ()) -> list[dict]:
-        cursor = self.conn.execute(sql, tuple(params))
-        names = [c[0] for c in cursor.description]
-        return [dict(zip(names, row)) for row in cursor.fetchall()]
+        names, rows = self._read(sql, params)
+        return [dict(zip(names, row)) for row in rows]
+
+    def _tuples(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        return self._read(sql, params)[1]
+
+    def _read(self, sql: str, params: Iterable) -> tuple[list[str], list[tuple]]:
+        """One read; a driver error is a LedgerError (a read beside a running agent can find the file busy)."""
+        with self._guard:
+            try:
+                cursor = self.conn.execute(sql, tuple(params))
+                return [c[0] for c in cursor.description or ()], cursor.fetchall()
+            except sqlite3.Error as error:
+                raise self._classify(error) from None
+
+    def size(self) -> int | None:
+        """Bytes of the ledger file and its write-ahead log."""
+        return sum(os.path.getsize(p) for p in (self.real, Path(f"{self.real}-wal")) if os.path.exists(p))
 
     # -- admission -----------------------------------------------------------------
     def admit(self, source: str, items: list[Admission], flows: list[tuple[str, bool]], now: float, *,
@@ -382,7 +373,7 @@ class Ledger:
         seen, from ``seen``); their last_seen is refreshed when it is old.
         """
         result = Admitted()
-        with self.write() as conn:
+        with self.write(source) as conn:
             fresh, again = self._unseen(source, items)
             result.duplicates = len(items) - len(fresh)
             self._touch(conn, source, {**again, **(shown or {})}, now)
@@ -409,7 +400,7 @@ class Ledger:
         """The keys of ``keys`` already in the ledger for this source, with when a poll last showed each."""
         found: dict[str, float] = {}
         for chunk, marks in _chunks(keys):
-            found.update(self.conn.execute(
+            found.update(self._tuples(
                 f"SELECT key, COALESCE(last_seen, first_seen) FROM records WHERE source = ? AND key IN ({marks})", (source, *chunk)))
         return found
 
@@ -451,7 +442,7 @@ class Ledger:
 
     def quarantine(self, source: str, hash: str, reason: str, page: str, excerpt: str, now: float) -> bool:
         """Keep a record that cannot be admitted; True the first time this content is seen."""
-        with self.write() as conn:
+        with self.write(source) as conn:
             updated = conn.execute(
                 "UPDATE quarantine SET last_seen = ?, count = count + 1 WHERE source = ? AND hash = ?", (now, source, hash)
             ).rowcount
@@ -468,25 +459,25 @@ class Ledger:
         return rows[0] if rows else None
 
     def start_poll(self, source: str, now: float) -> int:
-        with self.write() as conn:
+        with self.write(source) as conn:
             return conn.execute("INSERT INTO polls (source, started, pages, fetched, new, primed, quarantined) VALUES (?, ?, 0, 0, 0, 0, 0)", (source, now)).lastrowid
 
     def new_view(self, source: str) -> None:
         """The source now reads another view: forget its cursor and its good polls, so `first_run` decides again."""
-        with self.write() as conn:
+        with self.write(source) as conn:
             conn.execute("UPDATE cursors SET value = NULL, last_success = NULL, prime_started = NULL, identity = NULL WHERE source = ?", (source,))
 
     def known_content(self, source: str, hashes: set[str]) -> set[str]:
         """The record hashes of ``hashes`` the ledger holds for this source (under any key)."""
         found: set[str] = set()
         for chunk, marks in _chunks(hashes):
-            found.update(r[0] for r in self.conn.execute(
+            found.update(r[0] for r in self._tuples(
                 f"SELECT hash FROM records WHERE source = ? AND hash IN ({marks})", (source, *chunk)))
         return found
 
     def start_priming(self, source: str, now: float) -> float:
         """When priming of this source began: ``now`` the first time, then kept until a poll succeeds."""
-        with self.write() as conn:
+        with self.write(source) as conn:
             conn.execute("INSERT OR IGNORE INTO cursors (source) VALUES (?)", (source,))
             conn.execute("UPDATE cursors SET prime_started = COALESCE(prime_started, ?) WHERE source = ?", (now, source))
             return conn.execute("SELECT prime_started FROM cursors WHERE source = ?", (source,)).fetchone()[0]
@@ -495,7 +486,7 @@ class Ledger:
                  quarantined: int, error: str | None, cursor: str | None, identity: str | None = None) -> None:
         """Record a poll's outcome; the cursor (and the source's identity) move only when the poll succeeded."""
         error = self._text(error)
-        with self.write() as conn:
+        with self.write(source) as conn:
             conn.execute(
                 "UPDATE polls SET finished = ?, pages = ?, fetched = ?, new = ?, primed = ?, quarantined = ?, error = ? WHERE id = ?",
                 (now, pages, fetched, new, primed, quarantined, error, poll),
@@ -510,9 +501,64 @@ class Ledger:
             else:
                 conn.execute("UPDATE cursors SET last_poll = ?, last_error = ? WHERE source = ?", (now, error, source))
 
+    # -- leases and agents -----------------------------------------------------------------
+    def take_source(self, source: str, now: float, lease: float) -> bool:
+        """Hold the source's lease (always: the flock makes this the only agent; a lease left by a dead one is taken)."""
+        with self.write() as conn:
+            row = conn.execute("SELECT owner, epoch FROM source_leases WHERE source = ?", (source,)).fetchone()
+            epoch = row[1] if row and row[0] == self.worker else (row[1] if row else 0) + 1
+            conn.execute("INSERT OR REPLACE INTO source_leases (source, owner, epoch, lease_until) VALUES (?, ?, ?, ?)",
+                         (source, self.worker, epoch, now + lease))
+        self._held[source] = (epoch, time.monotonic() + lease)
+        self._lost.discard(source)
+        return True
+
+    def release(self, now: float) -> None:
+        """Give up the leases held (a clean stop) and mark this agent stopped."""
+        with self.write() as conn:
+            conn.execute("UPDATE source_leases SET owner = NULL, lease_until = NULL WHERE owner = ?", (self.worker,))
+            conn.execute("UPDATE agents SET stopped = ? WHERE id = ?", (now, self.worker))
+        self._lost.update(self._held)
+        self._held.clear()
+
+    def heartbeat(self, now: float, lease: float, running: list[Execution]) -> Renewed:
+        """Renew this agent's row, its source leases and the leases of its running executions, in one transaction."""
+        renewed, deadline = Renewed(), time.monotonic() + lease
+        with self.write() as conn:
+            host, pid = self.worker.rsplit(":", 2)[0], os.getpid()
+            conn.execute("INSERT INTO agents (id, host, pid, started, heartbeat) VALUES (?, ?, ?, ?, ?)"
+                         " ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat", (self.worker, host, pid, now, now))
+            for source, (epoch, _) in list(self._held.items()):
+                if conn.execute("UPDATE source_leases SET lease_until = ? WHERE source = ? AND owner = ? AND epoch = ?",
+                                (now + lease, source, self.worker, epoch)).rowcount:
+                    self._held[source] = (epoch, deadline)
+                else:
+                    renewed.lost_sources.append(source)
+            for ex in running:
+                if conn.execute("UPDATE executions SET lease_until = ? WHERE id = ? AND epoch = ? AND status = 'running'",
+                                (now + lease, ex.id, ex.epoch)).rowcount:
+                    ex.lease_deadline = deadline
+                else:
+                    renewed.lost_executions.append(ex.id)
+        for source in renewed.lost_sources:
+            self._held.pop(source, None)
+            self._lost.add(source)
+        self.fenced += len(renewed.lost_sources) + len(renewed.lost_executions)
+        return renewed
+
+    def agents(self, now: float) -> list[dict]:
+        """Agents seen in the last day (this file has one at a time): sources held, executions running."""
+        rows = self._rows("SELECT id, host, pid, started, heartbeat, stopped FROM agents WHERE stopped IS NULL OR stopped > ?"
+                          " ORDER BY heartbeat DESC", (now - 86400,))
+        for row in rows:
+            row["sources"] = [r[0] for r in self._tuples(
+                "SELECT source FROM source_leases WHERE owner = ? AND lease_until >= ? ORDER BY source", (row["id"], now))]
+            row["running"] = self._tuples("SELECT COUNT(*) FROM executions WHERE status = 'running' AND owner = ?", (row["id"],))[0][0]
+        return rows
+
     # -- delivery -----------------------------------------------------------------
     def recover(self, now: float) -> int:
-        """Make every `running` execution due at once (only one agent holds the ledger, so they are orphans)."""
+        """Make every `running` execution due at once (only one agent holds the file, so they are orphans)."""
         with self.write() as conn:
             orphans = conn.execute("SELECT id, step, attempts FROM executions WHERE status = 'running'").fetchall()
             conn.executemany(
@@ -527,7 +573,7 @@ class Ledger:
         return len(orphans)
 
     def claim(self, now: float, limit: int, lease: float) -> list[Execution]:
-        """Move up to ``limit`` due executions to `running` (attempts + 1, lease) and return them.
+        """Move up to ``limit`` due executions to `running` (attempts + 1, lease, epoch + 1) and return them.
 
         An execution waits while an earlier one of the same flow and entity is unfinished.
         """
@@ -543,29 +589,39 @@ class Ledger:
                 self._finish_one(conn, execution, result, now)
             if wake:
                 self._wake(conn, now)
-            rows = self._due(now, limit) if limit > 0 else []
+            rows = self._due(conn, now, limit) if limit > 0 else []
+            conn.executemany(
+                "INSERT INTO attempts (execution, step, n, started, finished, outcome, error)"
+                " VALUES (?, ?, ?, ?, ?, 'interrupted', 'the agent running it lost its lease')",
+                [(r["id"], r["step"], r["attempts"], now, now) for r in rows if r["status"] == "running"],
+            )
             conn.executemany(
                 "UPDATE executions SET status = 'running', attempts = attempts + 1, first_attempt = COALESCE(first_attempt, ?),"
-                " lease_until = ?, updated = ? WHERE id = ?",
-                [(now, now + lease, now, r["id"]) for r in rows],
+                " lease_until = ?, owner = ?, epoch = epoch + 1, updated = ? WHERE id = ?",
+                [(now, now + lease, self.worker, now, r["id"]) for r in rows],
             )
+        deadline = time.monotonic() + lease
         return [
             Execution(r["id"], r["flow"], r["source"], r["key"], r["entity"], r["step"], r["attempts"] + 1,
                       r["first_attempt"] if r["first_attempt"] is not None else now, json.loads(r["context"]), r["replay"], bool(r["single"]),
-                      r["version"])
+                      r["version"], r["epoch"] + 1, deadline)
             for r in rows
         ]
 
-    def _due(self, now: float, limit: int) -> list[dict]:
-        """Due waiting work; a version waits while its entity has one running or an earlier one unfinished."""
+    def _due(self, conn: sqlite3.Connection, now: float, limit: int) -> list[dict]:
+        """Due waiting work and running work whose lease ran out (another agent's);
+        a version waits while its entity has one running or an earlier one unfinished."""
         earlier = self._BEFORE.format(a="o", b="e")
-        return self._rows(
-            f"SELECT e.* FROM executions e WHERE e.status {_IN_WAITING} AND e.next_at <= ?"
+        cursor = conn.execute(
+            f"SELECT e.* FROM executions e WHERE ((e.status {_IN_WAITING} AND e.next_at <= ?)"
+            " OR (e.status = 'running' AND e.lease_until < ? AND (e.owner IS NULL OR e.owner != ?)))"
             " AND NOT EXISTS (SELECT 1 FROM executions o WHERE o.flow = e.flow AND o.entity = e.entity AND o.id != e.id"
             f" AND o.single = 0 AND e.single = 0 AND o.status {_IN_ACTIVE} AND (o.status = 'running' OR {earlier}))"
             " ORDER BY e.next_at, e.id LIMIT ?",
-            (now, limit),
+            (now, now, self.worker, limit),
         )
+        names = [c[0] for c in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
 
     def finish(self, execution: Execution, result: Finish, now: float) -> None:
         """Record the attempt, save the step output and move the execution on, in one transaction."""
@@ -576,24 +632,29 @@ class Ledger:
         self.finish_and_claim(done, now, 0, 0)
 
     def _finish_one(self, conn: sqlite3.Connection, ex: Execution, result: Finish, now: float) -> None:
+        """The outcome of one claim, written only while the claim's epoch is still the execution's (else fenced out)."""
         a = result.attempt
+        # `attempts` and `first_attempt` describe the step the execution now stands at
+        if a and a["step"] == result.step:
+            attempts, first = a.get("n", ex.attempts) - (result.status == "paused"), a.get("first", ex.first_attempt)
+        elif result.step == ex.step:  # no attempt made at this step: a pause, or an action not started (its lease was short)
+            attempts, first = ex.attempts - (result.status in ("paused", "pending")), ex.first_attempt
+        else:
+            attempts, first = 0, None
+        if not conn.execute(
+            "UPDATE executions SET status = ?, step = ?, context = ?, next_at = ?, lease_until = NULL, last_error = ?,"
+            " attempts = ?, first_attempt = ?, updated = ? WHERE id = ? AND epoch = ? AND status = 'running'",
+            (result.status, result.step, self._dump(result.context), result.next_at, self._text(result.error), attempts, first, now, ex.id, ex.epoch),
+        ).rowcount:
+            self.fenced += 1
+            logger.warning("execution {} ({}, record {}): its lease passed to another agent; this outcome ({}) is not recorded",
+                           ex.id, ex.flow, ex.key, result.status)
+            return
         if a:
             conn.execute(
                 "INSERT INTO attempts (execution, step, n, started, finished, outcome, status_code, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (ex.id, a["step"], a.get("n", ex.attempts), a["started"], a["finished"], a["outcome"], a.get("status_code"), self._text(a.get("error"))),
             )
-        # `attempts` and `first_attempt` describe the step the execution now stands at
-        if a and a["step"] == result.step:
-            attempts, first = a.get("n", ex.attempts) - (result.status == "paused"), a.get("first", ex.first_attempt)
-        elif result.step == ex.step:
-            attempts, first = ex.attempts - (result.status == "paused"), ex.first_attempt
-        else:
-            attempts, first = 0, None
-        conn.execute(
-            "UPDATE executions SET status = ?, step = ?, context = ?, next_at = ?, lease_until = NULL, last_error = ?,"
-            " attempts = ?, first_attempt = ?, updated = ? WHERE id = ? AND status = 'running'",
-            (result.status, result.step, self._dump(result.context), result.next_at, self._text(result.error), attempts, first, now, ex.id),
-        )
         if result.status in ("retrying", "paused", "failed", "dead"):
             self.failpoint("inside_failure")
         for spawn in result.spawn:
@@ -615,8 +676,7 @@ class Ledger:
     def next_due(self, after: float | None = None) -> float | None:
         """The earliest time a waiting execution becomes due (later than ``after`` when given), or None."""
         since = "" if after is None else " AND next_at > ?"
-        row = self.conn.execute(f"SELECT MIN(next_at) FROM executions WHERE status {_IN_WAITING}{since}", () if after is None else (after,)).fetchone()
-        return row[0]
+        return self._tuples(f"SELECT MIN(next_at) FROM executions WHERE status {_IN_WAITING}{since}", () if after is None else (after,))[0][0]
 
     # -- config versions -----------------------------------------------------------------
     def use_config(self, hash: str, text: str, sections: dict, flows: dict, now: float) -> int:
@@ -651,7 +711,7 @@ class Ledger:
 
     def waiting_work(self, ids: list[int] | None = None, flow: str | None = None) -> list[dict]:
         """Executions that can move to another flow version: waiting, failed or dead (not running, not finished)."""
-        sql = "SELECT id, flow, step, attempts, status, version, single, context FROM executions WHERE status IN ('pending', 'retrying', 'paused', 'failed', 'dead')"
+        sql = f"SELECT id, flow, step, attempts, status, version, single, context FROM executions WHERE status {_IN_MOVABLE}"
         params: list = []
         if ids:
             sql += f" AND id IN ({','.join('?' * len(ids))})"
@@ -681,7 +741,7 @@ class Ledger:
         if ids:
             where.append(f"id IN ({','.join('?' * len(ids))})")
             params.extend(ids)
-        sql = "SELECT id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version FROM executions"
+        sql = "SELECT id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version, context FROM executions"
         sql += (" WHERE " + " AND ".join(where)) if where else ""
         return self._rows(sql + " ORDER BY id LIMIT ?", (*params, limit))
 
@@ -723,7 +783,7 @@ class Ledger:
             sql, params = sql + " AND created >= ?", params + [since]
         if entity is not None:
             sql, params = sql + " AND entity = ?", params + [entity]
-        return [r[0] for r in self.conn.execute(sql + " ORDER BY id", params)]
+        return [r[0] for r in self._tuples(sql + " ORDER BY id", params)]
 
     def replay(self, ids: list[int], now: float, version: int | None = None) -> int:
         """Schedule finished executions again from their first step, each under a new replay number (a new key),
@@ -744,13 +804,13 @@ class Ledger:
 
     def pause_reasons(self) -> dict[str, str]:
         """flow -> the latest error of its paused executions (why a connector waits)."""
-        rows = self.conn.execute("SELECT flow, last_error FROM executions WHERE status = 'paused' ORDER BY updated")
+        rows = self._tuples("SELECT flow, last_error FROM executions WHERE status = 'paused' ORDER BY updated")
         return {flow: error for flow, error in rows}
 
     def counts(self) -> dict[str, dict[str, int]]:
         """flow -> status -> number of executions."""
         out: dict[str, dict[str, int]] = {}
-        for flow, status, n in self.conn.execute("SELECT flow, status, COUNT(*) FROM executions GROUP BY flow, status"):
+        for flow, status, n in self._tuples("SELECT flow, status, COUNT(*) FROM executions GROUP BY flow, status"):
             out.setdefault(flow, {})[status] = n
         return out
 
@@ -759,9 +819,9 @@ class Ledger:
         out: dict[str, dict] = {}
         for row in self._rows("SELECT * FROM cursors"):
             out[row["source"]] = dict(row)
-        for source, n in self.conn.execute("SELECT source, COUNT(*) FROM records GROUP BY source"):
+        for source, n in self._tuples("SELECT source, COUNT(*) FROM records GROUP BY source"):
             out.setdefault(source, {"source": source})["seen"] = n
-        for source, n in self.conn.execute("SELECT source, COUNT(*) FROM quarantine GROUP BY source"):
+        for source, n in self._tuples("SELECT source, COUNT(*) FROM quarantine GROUP BY source"):
             out.setdefault(source, {"source": source})["quarantined"] = n
         for row in self._rows("SELECT p.* FROM polls p JOIN (SELECT source, MAX(id) AS id FROM polls WHERE finished IS NOT NULL GROUP BY source) l ON p.id = l.id"):
             out.setdefault(row["source"], {"source": row["source"]})["last"] = row
@@ -773,7 +833,7 @@ class Ledger:
         A key's last_seen may lag by up to TOUCH_EVERY, so a key goes only when it
         is older than the window by that much: never while the view can show it."""
         with self.write() as conn:
-            old = f"status IN ({','.join(repr(s) for s in FINISHED)}) AND updated < ?"
+            old = f"status {_IN_FINISHED} AND updated < ?"
             attempts = conn.execute(f"DELETE FROM attempts WHERE execution IN (SELECT id FROM executions WHERE {old})", (before,)).rowcount
             executions = conn.execute(f"DELETE FROM executions WHERE {old}", (before,)).rowcount
             polls = conn.execute("DELETE FROM polls WHERE finished < ?", (before,)).rowcount
@@ -798,13 +858,13 @@ class Ledger:
 
     def unreachable(self) -> dict[str, tuple[float, str]]:
         """connector -> (unreachable since, why), as the agent last recorded it."""
-        rows = self.conn.execute("SELECT name, value FROM meta WHERE substr(name, 1, 12) = 'unreachable:'")
+        rows = self._tuples("SELECT name, value FROM meta WHERE substr(name, 1, 12) = 'unreachable:'")
         return {name[12:]: (value["since"], value["why"] or "") for name, value in ((n, json.loads(v)) for n, v in rows)}
 
     def count_paused(self, reason: str) -> int:
         """How many paused executions wait for this reason: their last error begins with it."""
         sql = "SELECT COUNT(*) FROM executions WHERE status = 'paused' AND substr(last_error, 1, length(?)) = ?"
-        return self.conn.execute(sql, (reason, reason)).fetchone()[0]
+        return self._tuples(sql, (reason, reason))[0][0]
 
     # -- an operator's questions: listings, one record's story, bulk re-queues ---------------------------------------
     def execution_list(self, *, status: str | None = None, flow: str | None = None, key: str | None = None,
@@ -832,7 +892,7 @@ class Ledger:
 
     def keys_of_id(self, id: str, limit: int = 20) -> list[tuple[str, str]]:
         """(source, key) of the seen records whose id is ``id`` (several under `dedupe = "id+updated"`), oldest first."""
-        return [tuple(r) for r in self.conn.execute("SELECT source, key FROM records WHERE id = ? ORDER BY first_seen LIMIT ?", (id, limit))]
+        return [tuple(r) for r in self._tuples("SELECT source, key FROM records WHERE id = ? ORDER BY first_seen LIMIT ?", (id, limit))]
 
     def executions_of(self, source: str, key: str) -> list[dict]:
         """Every execution of one record, oldest first, with its attempts."""
