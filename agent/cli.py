@@ -315,10 +315,7 @@ def _print_status(report: dict, out: Printer, now: float) -> None:
         if s["last_error"]:
             print(f"  {'':<16} last error: {out.text(s['last_error'])}")
     print("flows:")
-    for name, c in report["flows"].items():
-        print(f"  {out.text(name):<24} " + "  ".join(f"{k} {v}" for k, v in c.items() if k != "paused_because"))
-        if "paused_because" in c:
-            print(f"  {'':<24} PAUSED: {out.text(c['paused_because'])}")
+    _print_flows(report["flows"], out)
     print("connectors:")
     for name, c in report["connectors"].items():
         if c["reachable"]:
@@ -330,6 +327,22 @@ def _print_status(report: dict, out: Printer, now: float) -> None:
     if not report["ledger"]["writable"]:
         print(f"ledger: NOT WRITABLE: {out.text(report['ledger']['problem'])}")
     print("health: ok" if report["healthy"] else "health: UNHEALTHY: " + "; ".join(out.text(r) for r in report["reasons"]))
+
+
+def _print_flows(flows: dict[str, dict], out: Printer, parent: str | None = None, depth: int = 1) -> None:
+    """Each flow's counts; a chained flow under the flow it runs after, indented, with `after NAME`."""
+    for name, c in flows.items():
+        after = c.get("after")
+        if (after != parent) if parent is not None else (after in flows):
+            continue  # not at this place of the tree (a top-level flow has a source, or an upstream not shown)
+        indent = "  " * depth
+        label = out.text(name) + (f"  after {out.text(parent)}" if parent is not None else "")
+        width = max(26 - len(indent), 1)
+        print(f"{indent}{label:<{width}} " + "  ".join(f"{k} {v}" for k, v in c.items() if k not in ("paused_because", "after")))
+        if "paused_because" in c:
+            print(f"{indent}{'':<{width}} PAUSED: {out.text(c['paused_because'])}")
+        if depth <= len(flows):  # `after` cannot form a cycle (a config error), but a report is data: never loop
+            _print_flows(flows, out, name, depth + 1)
 
 
 def _print_agents(agents: list[dict], out: Printer, now: float, lease: float) -> None:

@@ -51,29 +51,44 @@ class _DryRunner(FlowRunner):
 
 
 def dry_run(config: Config, flow: FlowConfig, record: Any) -> dict[str, Any]:
-    """Each step's result for one record, as the agent would run it (max one pass through every step)."""
+    """Each step's result for one record, as the agent would run it (max one pass through every step).
+
+    A chained flow (``after``) starts from its upstream's dry run, as the agent starts it from the upstream's success."""
+    return _dry(config, flow, record)[0]
+
+
+def _dry(config: Config, flow: FlowConfig, record: Any) -> tuple[dict[str, Any], Any]:
     from agent.process import build_connector  # late: the process module is heavy, and only needed here to build connectors
 
-    source = config.sources[flow.source]
+    source_name = config.root_source(flow)
     try:
-        item = identify(record, source)
+        item = identify(record, config.sources[source_name])
     except BadRecord as error:
-        return {"flow": flow.name, "key": None, "status": "bad record", "error": str(error), "steps": []}
+        return {"flow": flow.name, "key": None, "status": "bad record", "error": str(error), "steps": []}, None
+    start: dict[str, Any] = {"record": record, "cursor": None}
+    if flow.after is not None:
+        upstream = next(f for f in config.flows if f.name == flow.after)
+        report, finish = _dry(config, upstream, record)
+        entry = next((e for e in (finish.chain if finish else []) if e["flow"] == flow.name), None)
+        if entry is None:
+            return {"flow": flow.name, "key": item.key, "status": "not started",
+                    "error": f"it runs after flow {upstream.name!r}, which came to {report['status']!r} in this dry run", "steps": []}, None
+        start = entry["context"]
     sent: list[tuple[str, dict, str, Outcome]] = []
     connectors = {name: DryRun(build_connector(config, name), sent) for name in config.connectors}
     try:
         runner = _DryRunner(config, connectors, clock=time.time, templates=config.templates)
-        ex = Execution(0, flow.name, flow.source, item.key, item.entity, 0, 1, None, {"record": record, "cursor": None})
+        ex = Execution(0, flow.name, source_name, item.key, item.entity, 0, 1, None, start)
         while True:
             finish = runner.run(ex)
             if finish.status != "pending":
                 break
-            ex = Execution(0, flow.name, flow.source, item.key, item.entity, finish.step, 1, None, finish.context)
+            ex = Execution(0, flow.name, source_name, item.key, item.entity, finish.step, 1, None, finish.context)
     finally:
         for connector in connectors.values():
             connector.close()
-    return {"flow": flow.name, "key": item.key, "status": finish.status, "error": finish.error,
-            "steps": _steps(flow, finish, sent)}
+    return ({"flow": flow.name, "key": item.key, "status": finish.status, "error": finish.error,
+             "steps": _steps(flow, finish, sent)}, finish)
 
 
 def _steps(flow: FlowConfig, finish, sent: list) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@
     GET  /executions/{id}           one execution and every attempt
     POST /flows/{name}/run          optional body {"params": {"sku": "123"}}: poll the flow's source now and deliver;
                                     202 {"run": id, ...}
-    GET  /runs/{id}                 what became of a run on demand
+    GET  /runs/{id}                 what became of a run on demand: its poll and the deliveries it scheduled
 
 Served by a thread of `agent run` with its own read-only connection to the
 ledger (the agent's connection belongs to its loop), so the endpoint and
@@ -45,6 +45,7 @@ from state.base import FLOW_STATUSES, Ledger, LedgerError
 MAX_BODY = 64 * 1024  # bytes of a POST body
 MAX_CONNECTIONS = 32  # served at once; more are closed at once (a flood cannot pile up threads)
 CLIENT_TIMEOUT = 10.0  # seconds a client may take to send its request
+RUN_LISTED = 100  # executions GET /runs/{id} lists (all are counted)
 LOG_LIMIT, LOG_MAX = 50, 1000
 ENDPOINTS = ["GET /healthz", "GET /metrics", "GET /flows", "GET /flows/{name}/log?limit=N", "GET /executions/{id}",
              "POST /flows/{name}/run", "GET /runs/{id}"]
@@ -166,7 +167,7 @@ class Endpoint:
         out = []
         for flow in self.config.flows:
             c = counts.get(flow.name, {})
-            item = {"name": flow.name, "source": flow.source, "steps": len(flow.steps),
+            item = {"name": flow.name, "source": flow.source, "after": flow.after, "steps": len(flow.steps),
                     "executions": {status: c.get(status, 0) for status in FLOW_STATUSES}}
             if flow.name in paused:
                 item["paused_because"] = paused[flow.name]
@@ -191,6 +192,12 @@ class Endpoint:
     def run(self, name: str, body: bytes, **_: Any) -> Any:
         flow = self._flow(name)
         params = run_params(body)
+        if flow.source is None:  # chained: its work starts from another flow's successes, not from a poll
+            root = flow
+            while root.after is not None:
+                root = self._flow(root.after)
+            raise Reply(409, {"error": f"flow {flow.name!r} runs after flow {flow.after!r}, not from a poll; "
+                                       f"start its chain with POST /flows/{root.name}/run"})
         try:
             run_id = self.agent.request_run(flow.source, params)
         except RunQueueFull as error:
@@ -202,7 +209,19 @@ class Endpoint:
         found = self.agent.run_status(ident)
         if found is None:
             raise Reply(404, {"error": f"no run {ident!r} (runs are kept while the agent runs)"})
+        keys = found.pop("scheduled")
+        if found["state"] in ("done", "failed"):
+            found["deliveries"] = self._deliveries(found["source"], keys)
         return found
+
+    def _deliveries(self, source: str, keys: list[str]) -> dict[str, Any]:
+        """What became of the work a run scheduled: counts by status, and the executions (the first RUN_LISTED of them)."""
+        rows = self._read(lambda ledger: [row for key in keys for row in ledger.executions_of(source, key)])
+        by_status: dict[str, int] = {}
+        for row in rows:
+            by_status[row["status"]] = by_status.get(row["status"], 0) + 1
+        listed = [{name: row[name] for name in ("id", "flow", "key", "status", "attempts", "last_error")} for row in rows[:RUN_LISTED]]
+        return {"total": len(rows), "by_status": by_status, "executions": listed}
 
     def _flow(self, name: str) -> Any:
         flow = next((f for f in self.config.flows if f.name == name), None)

@@ -16,7 +16,16 @@ the other executions waiting (``paused``) without spending attempts:
   with ``unreachable_reason(connector)``, which is how `status` counts them.
 
 An action's output is kept whole only when a later step of the flow mentions
-``steps``; otherwise at most OUTPUT_EXCERPT characters of it are stored.
+``steps`` (or a flow chained after this one mentions ``upstream``); otherwise at
+most OUTPUT_EXCERPT characters of it are stored.
+
+Flow chaining: when an execution of flow A succeeds, its Finish carries one
+``chain`` entry per flow that is ``after = "A"`` in the execution's pinned
+config version; the ledger creates them in the transaction that records the
+success. Each starts from A's record and cursor plus
+``upstream = {"flow": "A", "steps": <A's step outputs>, "ids": <A's step ids>}``,
+which templates see as ``upstream.flow`` and ``upstream.steps.<id>`` (or
+``upstream.steps[0]``).
 """
 from __future__ import annotations
 
@@ -43,6 +52,7 @@ PAUSE_PROBE = 60.0  # how often a paused connector is tried again
 UNREACHABLE_PROBE = 5.0  # the first wait before an unreachable connector is tried again; it doubles up to PAUSE_PROBE
 OUTPUT_EXCERPT = 4096  # characters of an action's output kept when no later step reads it
 _STEPS = re.compile(r"(?<![\w.])steps\b")  # a template naming `steps` (an attribute `.steps` is something else)
+_UPSTREAM = re.compile(r"(?<![\w.])upstream\b")  # a template of a chained flow naming its upstream's outputs
 
 
 def unreachable_reason(connector: str) -> str:
@@ -65,6 +75,16 @@ class Down:
 def reads_steps(step: Any) -> bool:
     """Whether any template of a step mentions `steps` (the outputs of earlier steps)."""
     return any(_STEPS.search(template) for _, template, _ in templates_of(step))
+
+
+def reads_upstream(flow: FlowConfig) -> bool:
+    """Whether any template of a (chained) flow mentions `upstream` (the step outputs of the flow it runs after)."""
+    return any(_UPSTREAM.search(template) for step in flow.steps for _, template, _ in templates_of(step))
+
+
+def followers(flows: dict[str, FlowConfig], name: str) -> list[FlowConfig]:
+    """The flows chained after flow ``name`` (``after = name``), in config order."""
+    return [flow for flow in flows.values() if flow.after == name]
 
 
 def _problem(error: dict) -> str:
@@ -137,8 +157,9 @@ class FlowRunner:
         """Know a config version's flows (resolved against today's connectors); call it before running its work."""
         self.versions[version] = flows
         for flow in flows.values():
+            read_downstream = any(reads_upstream(after) for after in followers(flows, flow.name))
             for index, step in enumerate(flow.steps):
-                self.read_later[(version, flow.name, index)] = any(reads_steps(later) for later in flow.steps[index + 1:])
+                self.read_later[(version, flow.name, index)] = read_downstream or any(reads_steps(later) for later in flow.steps[index + 1:])
                 if isinstance(step, ActionStep):
                     self.targets[(version, flow.name, index)] = _resolve(self.config, flow, version, index, step)
 
@@ -199,7 +220,17 @@ class FlowRunner:
                 return result
             attempt = result or attempt
             index += 1
-        return Finish("succeeded", index, context, attempt=attempt, spawn=spawn)
+        return Finish("succeeded", index, context, attempt=attempt, spawn=spawn, chain=self._chain(ex, flows, flow, context))
+
+    @staticmethod
+    def _chain(ex: Execution, flows: dict[str, FlowConfig], flow: FlowConfig, context: dict) -> list[dict]:
+        """One new execution per flow chained after this one in the execution's config version (none for a queued call's own run)."""
+        if ex.single:
+            return []
+        upstream = {"flow": flow.name, "steps": dict(context.get("steps", {})),
+                    "ids": {step.id: i for i, step in enumerate(flow.steps) if step.id}}
+        start = {"record": context.get("record"), "cursor": context.get("cursor"), "upstream": upstream}
+        return [{"flow": after.name, "context": start} for after in followers(flows, flow.name)]
 
     def _lease_too_short(self, ex: Execution, step: ActionStep) -> str | None:
         """Why an action must not start now: less than its connector's timeout is left on the claim's lease."""
@@ -216,7 +247,7 @@ class FlowRunner:
         steps = context.get("steps", {})
         size = max((int(k) for k in steps), default=-1) + 1
         ids = {step.id: i for i, step in enumerate(flow.steps[:size]) if step.id}
-        return {
+        values = {
             "record": context.get("record"),
             "mapped": context.get("mapped"),
             "steps": StepOutputs([steps.get(str(i)) for i in range(size)], ids),  # steps[0], steps.<step id>
@@ -225,6 +256,13 @@ class FlowRunner:
             "cursor": context.get("cursor"),
             "now": self.clock(),
         }
+        upstream = context.get("upstream")
+        if isinstance(upstream, dict):  # a chained flow: the outputs of the flow it ran after, as `upstream.steps.<id>`
+            done = upstream.get("steps") or {}
+            width = max((int(k) for k in done), default=-1) + 1
+            values["upstream"] = {"flow": upstream.get("flow"),
+                                  "steps": StepOutputs([done.get(str(i)) for i in range(width)], upstream.get("ids") or {})}
+        return values
 
     def _step(self, ex: Execution, flow: FlowConfig, index: int, step: Any, context: dict, spawn: list, log) -> Finish | dict | None:
         """Evaluate one step: a Finish ends this run; None (pure step) or an attempt (action done) goes on."""

@@ -72,6 +72,7 @@ def _flows(config: Config, counts: dict[str, dict[str, int]], paused: dict[str, 
     for flow in config.flows:
         c = counts.get(flow.name, {})
         out[flow.name] = {status: c.get(status, 0) for status in FLOW_STATUSES}
+        out[flow.name]["after"] = flow.after  # a chained flow: the flow whose success starts it (None: it has a source)
         if flow.name in paused:
             out[flow.name]["paused_because"] = paused[flow.name]
         if c.get("dead"):

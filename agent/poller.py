@@ -51,6 +51,7 @@ class PollResult:
     bad: list[str] = field(default_factory=list)
     run: dict[str, str] = field(default_factory=dict)  # the run parameters of a poll on demand (an extra poll)
     elsewhere: bool = False  # not polled here: another agent holds the source's lease
+    scheduled: list[str] = field(default_factory=list)  # a run on demand: the keys it scheduled work for (MAX_RUN_KEYS at most)
 
 
 def content_hash(record: Any) -> str:
@@ -155,6 +156,7 @@ def cursor_value(highest: Any, overlap: float) -> str | None:
 
 
 MAX_PASSES = 3  # reads of one view in one poll when its order shifts under the paging
+MAX_RUN_KEYS = 1000  # keys a run on demand remembers to report its deliveries (GET /runs/{id})
 
 
 @dataclass
@@ -340,6 +342,8 @@ class Poller:
         result.pages += 1
         result.fetched += len(page.records)
         result.new += admitted.new
+        if state.run:
+            result.scheduled.extend(admitted.scheduled[:MAX_RUN_KEYS - len(result.scheduled)])
         result.primed += admitted.primed
         result.duplicates += admitted.duplicates + len(known)
         result.superseded += admitted.superseded

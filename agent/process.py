@@ -166,11 +166,13 @@ class Run:
     params: dict[str, str]
     state: Literal["queued", "running", "done", "failed"] = "queued"
     result: dict[str, Any] | None = None
+    scheduled: list[str] = field(default_factory=list)  # the keys its poll scheduled work for: its deliveries
 
     def finish(self, attempted: Attempted, mask: Callable[[str], str]) -> None:
         polled: PollResult | None = attempted.result
         error = attempted.error or (polled.error if polled else None)
         self.state = "failed" if error else "done"
+        self.scheduled = list(polled.scheduled) if polled else []
         counts = {name: getattr(polled, name) if polled else 0 for name in ("pages", "fetched", "new", "primed", "quarantined")}
         self.result = {**counts, "error": mask(error) if error else None}
 
@@ -262,11 +264,14 @@ class Agent:
         with self._running_lock:
             running = list(self._running.values())
         lost = self.ledger.heartbeat(self.clock(), self.config.agent.lease, running)
+        with self._running_lock:
+            for ex_id in lost.lost_executions:  # said once: their outcomes are fenced out when they come
+                self._running.pop(ex_id, None)
         for source in lost.lost_sources:
             logger.warning("source {!r}: another agent took over its lease; this agent polls it no more while that one runs", source)
         if lost.lost_executions:
-            logger.warning("{} execution(s) in flight lost their lease to another agent; their outcomes will not be recorded here",
-                           len(lost.lost_executions))
+            logger.warning("{} execution(s) claimed by this agent are no longer its own (another agent took them over, or they were "
+                           "re-queued after a failed write); outcomes still to come for them are not recorded", len(lost.lost_executions))
 
     def poll(self, name: str, run: dict[str, str] | None = None) -> PollResult:
         """Poll one source now (when this agent holds its lease); with ``run`` parameters an extra poll that leaves the cursor where it is."""
@@ -523,6 +528,8 @@ class Agent:
     def _settle(self) -> None:
         if self._unsettled:
             self.ledger.recover(self.clock())  # steps whose outcome could not be recorded run again, same keys
+            with self._running_lock:
+                self._running.clear()  # recovered: no lease of this agent's to renew any more
             self._unsettled = False
 
     def _ledger_failed(self, error: LedgerError) -> None:
@@ -575,10 +582,11 @@ class Agent:
         return run.id
 
     def run_status(self, run_id: str) -> dict[str, Any] | None:
-        """A run's id, source, params, state (queued, running, done, failed) and, once over, its result; None if unknown."""
+        """A run's id, source, params, state (queued, running, done, failed) and, once over, its result and the keys
+        it scheduled work for (``scheduled``: its deliveries); None if unknown."""
         with self._runs_lock:
             run = self._runs.get(run_id)
-            return None if run is None else run.view()
+            return None if run is None else {**run.view(), "scheduled": list(run.scheduled)}
 
     def _serve_runs(self) -> None:
         """Poll for the runs queued when the tick began, oldest first, on the loop's thread like every ledger use."""

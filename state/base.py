@@ -117,6 +117,7 @@ class Admitted:
     duplicates: int = 0
     superseded: int = 0
     rekeyed: int = 0
+    scheduled: list[str] = field(default_factory=list)  # the keys executions were created for, in page order
 
 
 @dataclass
@@ -148,6 +149,7 @@ class Finish:
     error: str | None = None
     attempt: dict | None = None  # step, started, finished, outcome, status_code, error
     spawn: list[dict] = field(default_factory=list)  # single-step executions for wait_for_response = false
+    chain: list[dict] = field(default_factory=list)  # {"flow", "context"}: flows chained after a success, started with it
 
 
 @dataclass

@@ -126,6 +126,14 @@ _INTERRUPTED = ("INSERT INTO attempts (execution, step, n, started, finished, ou
                 " VALUES (%s, %s, %s, %s, %s, 'interrupted', %s)")
 _FINISH = ("UPDATE executions SET status = %s, step = %s, context = %s, next_at = %s, lease_until = NULL, last_error = %s,"
            " attempts = %s, first_attempt = %s, updated = %s WHERE id = %s AND epoch = %s AND status = 'running'")
+# A flow chained after a finished execution's flow, started for the same record (its version order and config version
+# too); a replayed upstream starts it under a replay number no execution of that flow and record has had (a new key).
+_CHAIN = ("INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay,"
+          " version_at, version)"
+          " SELECT %s::text, source, key, entity, 0, 'pending', 0, %s::float8, %s::text, %s::float8, %s::float8,"
+          " CASE WHEN replay = 0 THEN 0 ELSE GREATEST(replay, (SELECT COALESCE(MAX(c.replay), 0) + 1 FROM executions c"
+          "  WHERE c.flow = %s AND c.source = u.source AND c.key = u.key)) END,"
+          " version_at, version FROM executions u WHERE id = %s")
 _TAKE_SOURCE = (
     "INSERT INTO source_leases AS l (source, owner, epoch, lease_until) VALUES (%(source)s, %(me)s, 1, %(until)s)"
     " ON CONFLICT (source) DO UPDATE SET owner = %(me)s, lease_until = %(until)s,"
@@ -332,6 +340,7 @@ class PostgresLedger:
             result.rekeyed = sum(a.rekeyed for a in fresh)
             result.primed = len(fresh) - len(scheduled) - result.rekeyed
             result.new = len(scheduled)
+            result.scheduled = [a.key for a in scheduled]
             columns = ([a.key for a in scheduled], [a.entity for a in scheduled], [self._dump(a.context) for a in scheduled],
                        [a.version_at for a in scheduled])
             for flow, supersede in flows if scheduled else ():
@@ -583,6 +592,8 @@ class PostgresLedger:
                 [(ex.flow, ex.source, ex.key, ex.entity, spawn["step"], now, self._dump(spawn["context"]), now, now, ex.replay, ex.version)
                  for spawn in result.spawn],
             )
+        for chained in result.chain:
+            cur.execute(_CHAIN, (chained["flow"], now, self._dump(chained["context"]), now, now, chained["flow"], ex.id))
 
     def wake_paused(self, now: float) -> int:
         """Make paused executions due now (their connector answers again)."""
@@ -693,7 +704,7 @@ class PostgresLedger:
                     "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, version_at, version)"
                     " VALUES (%s, %s, %s, %s, 0, 'pending', 0, %s, %s, %s, %s, %s, %s, %s)",
                     (row["flow"], row["source"], row["key"], row["entity"], now,
-                     self._dump({"record": old.get("record"), "cursor": old.get("cursor")}), now, now, generation, row["version_at"], version),
+                     self._dump(_start_of(old)), now, now, generation, row["version_at"], version),
                 )
         return len(rows)
 
@@ -817,3 +828,11 @@ def _without_password(url: str) -> tuple[str, str | None]:
     secret = secret or next((v for k, v in query if k == "password"), None)
     query = [(k, v) for k, v in query if k != "password"]
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment)), secret or os.environ.get("PGPASSWORD") or None
+
+
+def _start_of(context: dict) -> dict:
+    """What a replay starts from: the record and cursor, and for a chained flow the upstream's outputs it was started with."""
+    start = {"record": context.get("record"), "cursor": context.get("cursor")}
+    if "upstream" in context:
+        start["upstream"] = context["upstream"]
+    return start

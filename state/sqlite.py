@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from loguru import logger
-from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
 
 from state.base import (
     ACTIVE, FINISHED, MOVABLE, SCHEMA_VERSION, TOUCH_EVERY, WAITING, Admission, Admitted, Execution, Finish, LeaseLost,
@@ -38,77 +36,6 @@ _IN_FINISHED = "IN ('succeeded', 'filtered', 'superseded')"
 assert {*WAITING} == {"pending", "retrying", "paused"} and {*ACTIVE} == {*WAITING, "running"}
 assert {*MOVABLE} == {*WAITING, "failed", "dead"} and {*FINISHED} == {"succeeded", "filtered", "superseded"}
 _json = to_json
-
-migrations = Migrations("sync-agent-ledger")
-
-
-@migrations()
-def m001_initial(db: Database) -> None:
-    db["records"].create({"source": str, "key": str, "id": str, "version": str, "hash": str, "first_seen": float}, pk=("source", "key"))
-    db["executions"].create(
-        {
-            "id": int, "flow": str, "source": str, "key": str, "entity": str, "step": int, "status": str,
-            "attempts": int, "first_attempt": float, "next_at": float, "lease_until": float, "context": str,
-            "last_error": str, "created": float, "updated": float, "replay": int, "single": int,
-        },
-        pk="id",
-        not_null={"flow", "source", "key", "step", "status", "attempts", "created", "updated"},
-        defaults={"attempts": 0, "step": 0, "replay": 0, "single": 0},
-    )
-    db["executions"].create_index(["status", "next_at"])
-    db["executions"].create_index(["flow", "entity", "id"])
-    db["executions"].create_index(["source", "key"])
-    db["attempts"].create(
-        {"id": int, "execution": int, "step": int, "n": int, "started": float, "finished": float,
-         "outcome": str, "status_code": int, "error": str},
-        pk="id",
-    )
-    db["attempts"].create_index(["execution"])
-    db["cursors"].create({"source": str, "value": str, "last_poll": float, "last_success": float, "last_error": str}, pk="source")
-    db["polls"].create(
-        {"id": int, "source": str, "started": float, "finished": float, "pages": int, "fetched": int,
-         "new": int, "primed": int, "quarantined": int, "error": str},
-        pk="id",
-    )
-    db["polls"].create_index(["source", "id"])
-    db["quarantine"].create(
-        {"source": str, "hash": str, "reason": str, "page": str, "excerpt": str, "first_seen": float, "last_seen": float, "count": int},
-        pk=("source", "hash"),
-    )
-    db["meta"].create({"name": str, "value": str}, pk="name")
-
-
-@migrations()
-def m002_version_order_last_seen_priming(db: Database) -> None:
-    db["records"].add_column("last_seen", float)  # the last poll that showed the key: `window` forgets by this
-    db["executions"].add_column("version_at", float)  # the version's `updated` as a number: versions of an entity run in this order
-    db["cursors"].add_column("prime_started", float)  # when priming began: versions updated after it are delivered
-
-
-@migrations()
-def m003_config_versions(db: Database) -> None:
-    db["config_versions"].create(
-        {"number": int, "hash": str, "text": str, "sections": str, "flows": str, "first_used": float, "last_used": float},
-        pk="number",
-    )
-    db["config_versions"].create_index(["hash"], unique=True)
-    db["executions"].add_column("version", int)  # the config version whose flow definition the execution runs
-    db["cursors"].add_column("identity", str)  # how the source identified records at its last good poll
-    db["records"].create_index(["source", "hash"])  # re-keying: a version known under the previous identity
-
-
-@migrations()
-def m004_counts_by_flow(db: Database) -> None:
-    db["executions"].create_index(["flow", "status"])  # status, /healthz and /metrics count by flow and status
-
-
-@migrations()
-def m005_fenced_leases(db: Database) -> None:
-    db["executions"].add_column("epoch", int, not_null_default=0)  # the claim's fencing token
-    db["executions"].add_column("owner", str)  # the worker that claimed it
-    db["source_leases"].create({"source": str, "owner": str, "epoch": int, "lease_until": float}, pk="source")
-    db["agents"].create({"id": str, "host": str, "pid": int, "started": float, "heartbeat": float, "stopped": float}, pk="id")
-
 
 _UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
 
@@ -156,7 +83,6 @@ class SqliteLedger:
             if self.hold and not os.path.lexists(self.real):
                 self._create()
             self.conn = self._connect(busy_timeout)
-            self.db = Database(self.conn)
             if self.hold:
                 self._migrate()
         except BaseException:
@@ -195,6 +121,8 @@ class SqliteLedger:
                 leftover.unlink(missing_ok=True)
             conn = sqlite3.connect(building, isolation_level=None)
             try:
+                from state.sqlite_schema import Database, migrations
+
                 db = Database(conn)
                 migrations.apply(db)
                 with db.atomic():
@@ -268,6 +196,8 @@ class SqliteLedger:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute("COMMIT")  # fail early and clearly if the file cannot be written
+            from state.sqlite_schema import migrations
+
             migrations.apply(self.db)
             with self.write():
                 self.db["meta"].upsert({"name": "schema_version", "value": str(SCHEMA_VERSION)}, pk="name")
@@ -282,6 +212,13 @@ class SqliteLedger:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    @property
+    def db(self) -> Any:
+        """The connection as a sqlite-utils Database (migrations, tests): imported only when asked for."""
+        from sqlite_utils import Database
+
+        return Database(self.conn)
 
     def __enter__(self) -> "SqliteLedger":
         return self
@@ -386,6 +323,7 @@ class SqliteLedger:
             result.rekeyed = sum(a.rekeyed for a in fresh)
             result.primed = len(fresh) - len(scheduled) - result.rekeyed
             result.new = len(scheduled)
+            result.scheduled = [a.key for a in scheduled]
             for flow, supersede in flows:
                 conn.executemany(
                     "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, version_at, version)"
@@ -663,6 +601,21 @@ class SqliteLedger:
                 " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, 1, ?)",
                 (ex.flow, ex.source, ex.key, ex.entity, spawn["step"], now, self._dump(spawn["context"]), now, now, ex.replay, ex.version),
             )
+        for chained in result.chain:
+            self._start_chained(conn, ex, chained, now)
+
+    def _start_chained(self, conn: sqlite3.Connection, ex: Execution, chained: dict, now: float) -> None:
+        """A flow chained after ``ex``'s flow, started for the same record (its version order and config version too).
+
+        A replayed upstream starts it under a replay number no execution of that flow and record has had (a new key)."""
+        conn.execute(
+            "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, version_at, version)"
+            " SELECT ?, source, key, entity, 0, 'pending', 0, ?, ?, ?, ?,"
+            " CASE WHEN replay = 0 THEN 0 ELSE MAX(replay, (SELECT COALESCE(MAX(c.replay), 0) + 1 FROM executions c"
+            "  WHERE c.flow = ? AND c.source = u.source AND c.key = u.key)) END,"
+            " version_at, version FROM executions u WHERE id = ?",
+            (chained["flow"], now, self._dump(chained["context"]), now, now, chained["flow"], ex.id),
+        )
 
     def wake_paused(self, now: float) -> int:
         """Make paused executions due now (their connector answers again)."""
@@ -798,7 +751,7 @@ class SqliteLedger:
                     "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, version_at, version)"
                     " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?, ?, ?)",
                     (row["flow"], row["source"], row["key"], row["entity"], now,
-                     self._dump({"record": old.get("record"), "cursor": old.get("cursor")}), now, now, generation, row["version_at"], version),
+                     self._dump(_start_of(old)), now, now, generation, row["version_at"], version),
                 )
         return len(rows)
 
@@ -916,3 +869,11 @@ def _matching(**filters: Any) -> tuple[str, list]:
             where.append(f"{column} >= ?" if column in ("created", "updated") else f"{column} = ?")
             params.append(value)
     return " AND ".join(where), params
+
+
+def _start_of(context: dict) -> dict:
+    """What a replay starts from: the record and cursor, and for a chained flow the upstream's outputs it was started with."""
+    start = {"record": context.get("record"), "cursor": context.get("cursor")}
+    if "upstream" in context:
+        start["upstream"] = context["upstream"]
+    return start

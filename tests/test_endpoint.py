@@ -152,6 +152,10 @@ def test_a_run_on_demand_reaches_the_view_with_its_parameter_and_leaves_the_curs
             report = agent.call("GET", run["status"]).json()
             assert report["state"] == "done" and report["result"]["new"] == 1, report
             assert wait_for(lambda: len(sink.accepted) == 5)  # and delivered
+            assert wait_for(lambda: agent.call("GET", run["status"]).json()["deliveries"]["by_status"] == {"succeeded": 1})
+            delivery = agent.call("GET", run["status"]).json()["deliveries"]
+            assert delivery["total"] == 1 and delivery["executions"][0]["flow"] == FLOW
+            assert delivery["executions"][0]["key"] == str(view.records[-1]["lastSubmissionID"])
 
             sent = [parse_qs(urlsplit(hit).query, keep_blank_values=True) for hit in view.hits]
             assert sent and all(q["sku"] == ["123"] for q in sent)
@@ -208,7 +212,7 @@ def test_an_unknown_flow_answers_with_the_known_names(running):
 
 def test_flows_log_and_one_execution(running):
     flows = running.call("GET", "/flows").json()["flows"]
-    assert flows == [{"name": FLOW, "source": "leads", "steps": 2,
+    assert flows == [{"name": FLOW, "source": "leads", "after": None, "steps": 2,
                       "executions": {**{s: 0 for s in flows[0]["executions"]}, "succeeded": flows[0]["executions"]["succeeded"]}}]
     log = running.call("GET", f"/flows/{FLOW}/log?limit=3").json()
     ids = [row["id"] for row in log["executions"]]

@@ -133,6 +133,9 @@ def test_two_agents_started_at_once_one_runs_the_other_exits_3(tmp_path):
             assert "Traceback" not in message
             assert _stop(winner, winner_err) == 0, winner_err.read_text()
             assert "Traceback" not in winner_err.read_text()
+        # a winner stopped at once may leave work waiting (a stop claims nothing more): one more run finishes it
+        rest, rest_err = _popen(cfg, logs, "rest", "--once")
+        assert rest.wait(timeout=30) == 0, rest_err.read_text()
         versions = [r["json"]["version"] for r in sink.requests_to("POST")]
     every = {r["lastSubmissionID"] for r in view.records}
     assert set(versions) == every  # the winners did the work ...

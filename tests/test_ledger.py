@@ -310,7 +310,7 @@ def test_a_fresh_mark_is_not_rewritten_on_every_poll(ledger):
 def test_an_old_ledger_migrates_forward_and_keeps_its_records(tmp_path):
     import sqlite3
     from sqlite_utils import Database
-    from state.sqlite import m001_initial
+    from state.sqlite_schema import m001_initial
     path = tmp_path / "old.db"
     db = Database(path)
     m001_initial(db)

@@ -638,3 +638,57 @@ def test_a_postgresql_that_cannot_start_says_why(tmp_path):
 
     with pytest.raises(PgServerError, match="initdb"):
         PgServer.start(bindir=tmp_path)  # no binaries there
+
+
+# -- flow chaining: chained executions are written with the upstream's success, and fenced with it -----------------
+def chained(ex: Execution, *flows: str) -> Finish:
+    """A success of ``ex`` that starts ``flows`` (chained after its flow) for the same record."""
+    result = done(ex)
+    start = {"record": ex.context["record"], "cursor": "c", "upstream": {"flow": ex.flow, "steps": {"0": {"ok": True}}, "ids": {"x": 0}}}
+    result.chain = [{"flow": flow, "context": start} for flow in flows]
+    return result
+
+
+def test_a_finish_with_chain_entries_starts_each_chained_flow_for_the_same_record(ledger_factory, ledger):
+    ledger.admit("s", [item("1", "E", at=5.0), item("2")], [("a", False)], NOW, version=3)
+    [ex] = ledger.claim(NOW, 1, LEASE)
+    ledger.finish(ex, chained(ex, "b", "c"), NOW + 1)
+    started = sorted(ledger.claim(NOW + 1, 10, LEASE), key=lambda e: e.flow)
+    assert [(e.flow, e.source, e.key, e.entity, e.step, e.replay, e.single, e.version) for e in started] == [
+        ("a", "s", "2", "2", 0, 0, False, 3), ("b", "s", "1", "E", 0, 0, False, 3), ("c", "s", "1", "E", 0, 0, False, 3)]
+    assert started[1].context == {"record": {"id": "1"}, "cursor": "c", "upstream": {"flow": "a", "steps": {"0": {"ok": True}}, "ids": {"x": 0}}}
+    assert ledger_factory.sql("SELECT flow, version_at, created FROM executions WHERE key = '1' ORDER BY flow") == [
+        ("a", 5.0, NOW), ("b", 5.0, NOW + 1), ("c", 5.0, NOW + 1)]  # the upstream's version order, so versions stay in order
+
+
+def test_a_rejected_finish_starts_no_chained_flow(ledger):
+    ledger.admit("s", [item("1")], [("a", False)], NOW)
+    [ex] = ledger.claim(NOW, 1, LEASE)
+    stale = dataclasses.replace(ex, epoch=ex.epoch - 1)
+    ledger.finish(stale, chained(stale, "b"), NOW + 1)
+    assert [(r["flow"], r["status"]) for r in ledger.executions()] == [("a", "running")]
+    ledger.finish(ex, chained(ex, "b"), NOW + 2)  # the holder of the current epoch starts it, once
+    assert sorted((r["flow"], r["status"]) for r in ledger.executions()) == [("a", "succeeded"), ("b", "pending")]
+
+
+def test_a_replayed_upstream_starts_its_chained_flow_under_a_replay_number_not_used_before(ledger):
+    ledger.admit("s", [item("1")], [("a", False)], NOW)
+    [a] = ledger.claim(NOW, 10, LEASE)
+    ledger.finish(a, chained(a, "b"), NOW)
+    [b] = ledger.claim(NOW, 10, LEASE)
+    ledger.finish(b, done(b), NOW)
+    ledger.replay([a.id], NOW + 1)  # the upstream sent again on purpose: replay 1
+    [again] = ledger.claim(NOW + 1, 10, LEASE)
+    ledger.finish(again, chained(again, "b"), NOW + 1)
+    [b1] = ledger.claim(NOW + 1, 10, LEASE)
+    assert (b.replay, again.replay, b1.flow, b1.replay) == (0, 1, "b", 1)  # a new key: the first replay of b
+    ledger.finish(b1, done(b1), NOW + 1)
+    ledger.replay([b1.id], NOW + 2)  # the chained flow replayed by hand takes replay 2, and keeps its upstream's outputs
+    [b2] = ledger.claim(NOW + 2, 10, LEASE)
+    assert (b2.flow, b2.replay, b2.context["upstream"]["flow"]) == ("b", 2, "a")
+    ledger.finish(b2, done(b2), NOW + 2)
+    ledger.replay([a.id], NOW + 3)  # the upstream's replay 2: its chained execution must not reuse b's replay 2
+    [a2] = ledger.claim(NOW + 3, 10, LEASE)
+    ledger.finish(a2, chained(a2, "b"), NOW + 3)
+    [b3] = ledger.claim(NOW + 3, 10, LEASE)
+    assert (a2.replay, b3.flow, b3.replay) == (2, "b", 3)

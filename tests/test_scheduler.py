@@ -314,7 +314,8 @@ def test_a_requested_run_is_polled_by_the_next_tick_and_reported(make):
     caller.start()
     caller.join(5)
     [run_id] = ids
-    assert agent.run_status(run_id) == {"id": run_id, "source": "leads", "params": {"sku": "123"}, "state": "queued", "result": None}
+    assert agent.run_status(run_id) == {"id": run_id, "source": "leads", "params": {"sku": "123"}, "state": "queued", "result": None,
+                                        "scheduled": []}
     assert agent.tick(clock()) == T0 + 5 * MINUTE
     status = agent.run_status(run_id)
     assert status["state"] == "done"

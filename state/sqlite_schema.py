@@ -1,0 +1,76 @@
+"""The SQLite ledger's schema as a list of migrations (sqlite-utils ``Migrations``), one per version of
+``state.base.SCHEMA_VERSIONS``. Imported only by an agent opening its ledger: operator commands read without it."""
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("sync-agent-ledger")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db["records"].create({"source": str, "key": str, "id": str, "version": str, "hash": str, "first_seen": float}, pk=("source", "key"))
+    db["executions"].create(
+        {
+            "id": int, "flow": str, "source": str, "key": str, "entity": str, "step": int, "status": str,
+            "attempts": int, "first_attempt": float, "next_at": float, "lease_until": float, "context": str,
+            "last_error": str, "created": float, "updated": float, "replay": int, "single": int,
+        },
+        pk="id",
+        not_null={"flow", "source", "key", "step", "status", "attempts", "created", "updated"},
+        defaults={"attempts": 0, "step": 0, "replay": 0, "single": 0},
+    )
+    db["executions"].create_index(["status", "next_at"])
+    db["executions"].create_index(["flow", "entity", "id"])
+    db["executions"].create_index(["source", "key"])
+    db["attempts"].create(
+        {"id": int, "execution": int, "step": int, "n": int, "started": float, "finished": float,
+         "outcome": str, "status_code": int, "error": str},
+        pk="id",
+    )
+    db["attempts"].create_index(["execution"])
+    db["cursors"].create({"source": str, "value": str, "last_poll": float, "last_success": float, "last_error": str}, pk="source")
+    db["polls"].create(
+        {"id": int, "source": str, "started": float, "finished": float, "pages": int, "fetched": int,
+         "new": int, "primed": int, "quarantined": int, "error": str},
+        pk="id",
+    )
+    db["polls"].create_index(["source", "id"])
+    db["quarantine"].create(
+        {"source": str, "hash": str, "reason": str, "page": str, "excerpt": str, "first_seen": float, "last_seen": float, "count": int},
+        pk=("source", "hash"),
+    )
+    db["meta"].create({"name": str, "value": str}, pk="name")
+
+
+@migrations()
+def m002_version_order_last_seen_priming(db: Database) -> None:
+    db["records"].add_column("last_seen", float)  # the last poll that showed the key: `window` forgets by this
+    db["executions"].add_column("version_at", float)  # the version's `updated` as a number: versions of an entity run in this order
+    db["cursors"].add_column("prime_started", float)  # when priming began: versions updated after it are delivered
+
+
+@migrations()
+def m003_config_versions(db: Database) -> None:
+    db["config_versions"].create(
+        {"number": int, "hash": str, "text": str, "sections": str, "flows": str, "first_used": float, "last_used": float},
+        pk="number",
+    )
+    db["config_versions"].create_index(["hash"], unique=True)
+    db["executions"].add_column("version", int)  # the config version whose flow definition the execution runs
+    db["cursors"].add_column("identity", str)  # how the source identified records at its last good poll
+    db["records"].create_index(["source", "hash"])  # re-keying: a version known under the previous identity
+
+
+@migrations()
+def m004_counts_by_flow(db: Database) -> None:
+    db["executions"].create_index(["flow", "status"])  # status, /healthz and /metrics count by flow and status
+
+
+@migrations()
+def m005_fenced_leases(db: Database) -> None:
+    db["executions"].add_column("epoch", int, not_null_default=0)  # the claim's fencing token
+    db["executions"].add_column("owner", str)  # the worker that claimed it
+    db["source_leases"].create({"source": str, "owner": str, "epoch": int, "lease_until": float}, pk="source")
+    db["agents"].create({"id": str, "host": str, "pid": int, "started": float, "heartbeat": float, "stopped": float}, pk="id")
