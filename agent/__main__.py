@@ -13,19 +13,14 @@ import sys
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-class Stopped(KeyboardInterrupt):
-    """A stop before the agent's own handlers are in; caught wherever Ctrl-C is.
-
-    Not KeyboardInterrupt itself: CPython 3.11 remembers one that passed
-    through an ``eval`` (namedtuple runs one on import) and, under
-    ``python -m``, kills itself with SIGINT on exit even though it was caught.
-    """
-
-
 def _stop_now(signum, frame):
-    """A stop before the agent's own handlers are in: unwind (main() returns 0), once."""
-    _ignore_stops()  # a second signal must not interrupt the unwinding
-    raise Stopped
+    """A stop before the agent's own handlers are in: end the process here, with exit status 0.
+
+    Not by raising an exception: the handler runs wherever the main thread happens to be, and code there may
+    swallow it (a ``__del__``, a callback from a compiled library such as pydantic-core, which turns it into an
+    error of its own), leaving a command that ignores its stop. Nothing needs finishing yet: no step has been
+    claimed, and a ledger write cut here is rolled back, as after a crash."""
+    os._exit(0)
 
 
 def _ignore_stops() -> None:
@@ -38,12 +33,9 @@ def run() -> int:
     for signum in STOPS:
         signal.signal(signum, _stop_now)
     try:
-        try:
-            return _run()
-        finally:
-            _ignore_stops()  # the command has ended: a late stop changes nothing, and must not print a traceback
-    except KeyboardInterrupt:  # Stopped, raised at most once by _stop_now
-        return 0
+        return _run()
+    finally:
+        _ignore_stops()  # the command has ended: a late stop changes nothing, and must not print a traceback
 
 
 def _run() -> int:

@@ -244,8 +244,11 @@ def _on_stop(stopping: threading.Event) -> None:
     from loguru import logger
 
     def stop(signum, frame):
-        logger.info("stopping on {}: finishing in-flight steps", signal.Signals(signum).name)
-        stopping.set()
+        stopping.set()  # first: whatever the main thread was doing, the stop is not lost
+        try:
+            logger.info("stopping on {}: finishing in-flight steps", signal.Signals(signum).name)
+        except RuntimeError:  # the main thread was inside the logger itself (it is not re-entrant): the stop is not said
+            pass
 
     # SIGHUP too: a closed terminal or a supervisor's "reload" must not kill a step between its send and its outcome
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import queue
+from collections import deque
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ STOP_GRACE = 5.0  # seconds a stop request waits for the steps in flight before 
 STOP_CHECK = 0.1  # how often a drain waiting for its steps looks for a stop request
 MAX_SLEEP = 60.0  # the longest sleep of the loop: a wall clock stepped or suspended delays a due poll by a minute at most
 PRUNE_EVERY = 3600.0  # seconds between applications of the retention
+CLAIM_AHEAD = 8  # executions claimed and not yet finished, at least: at concurrency 1, one commit for up to 8 sends
 MAX_RUNS = 100  # runs on demand remembered, waiting or over; the oldest that are over are forgotten first
 
 
@@ -320,29 +322,43 @@ class Agent:
 
     def _deliver(self, result: DrainResult, workers: Workers, size: int, in_flight: dict[Future, Execution],
                  batch: list[tuple[Execution, Finish]], put_back: set[int]) -> None:
-        """The drain's loop: record outcomes and claim more in one transaction, until nothing is due or a stop."""
-        first = True
+        """The drain's loop: record outcomes and claim more in one transaction, until nothing is due or a stop.
+
+        Up to CLAIM_AHEAD executions are claimed at once (their intent committed before any is sent) and started
+        as workers come free; outcomes are recorded with the next claim, so at a low concurrency one commit serves
+        several sends instead of one each."""
+        first, ready = True, deque()
+        target = max(size, CLAIM_AHEAD)
         while True:
-            # a poll or a run fell due: claim no more (after the first round, so polls cannot starve delivery), finish, return
-            free = 0 if self.stopping.is_set() or (not first and self._poll_waits()) else size - len(in_flight)
+            # a poll or a run fell due: claim no more (after the first round, so polls cannot starve delivery) and give
+            # back what was claimed but not started, so the poll waits for the sends in flight only
+            hold = self.stopping.is_set() or (not first and self._poll_waits())
+            if hold and ready:
+                batch.extend((ex, Finish("pending", ex.step, ex.context, next_at=self.clock())) for ex in ready)
+                ready.clear()
+            if first or hold or not ready or len(batch) >= target:
+                free = 0 if hold else max(0, target - len(in_flight) - len(ready))
+                # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send;
+                # when a paused connector answered again, its waiting work becomes due in the same transaction
+                wake = self.runner.take_resumed()
+                claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease, wake=wake)
+                self._record_unreachable()
+                if claimed:
+                    self.metrics.claimed(claimed)
+                    self.failpoint("after_claim")
+                with self._running_lock:
+                    for ex, _ in batch:
+                        self._running.pop(ex.id, None)
+                    self._running.update((ex.id, ex) for ex in claimed)
+                batch.clear()
+                for ex in claimed:
+                    self._know_version(ex.version)
+                ready.extend(claimed)
             first = False
-            # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send;
-            # when a paused connector answered again, its waiting work becomes due in the same transaction
-            wake = self.runner.take_resumed()
-            claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease, wake=wake)
-            self._record_unreachable()
-            if claimed:
-                self.metrics.claimed(claimed)
-                self.failpoint("after_claim")
-            with self._running_lock:
-                for ex, _ in batch:
-                    self._running.pop(ex.id, None)
-                self._running.update((ex.id, ex) for ex in claimed)
-            batch = []
-            for ex in claimed:
-                self._know_version(ex.version)
+            while ready and len(in_flight) < size:
+                ex = ready.popleft()
                 in_flight[workers.submit(self._run, ex)] = ex
-            if self._put_back(put_back, in_flight) and not self.stopping.is_set():
+            if self._put_back(put_back, in_flight, batch) and not self.stopping.is_set():
                 continue  # due now: the next round claims them
             if not in_flight:
                 break
@@ -351,10 +367,14 @@ class Agent:
                 self.abandoned = len(in_flight)
                 logger.warning("stopping: {} step(s) still running after {:.0f}s are left as they are; the next start sends them again "
                                "with the same idempotency keys", len(in_flight), STOP_GRACE)
+                if ready:  # claimed, never started: back to waiting at once
+                    self.ledger.finish_many([(ex, Finish("pending", ex.step, ex.context, next_at=self.clock())) for ex in ready],
+                                            self.clock())
                 break
-            batch = [(in_flight.pop(f), f.result()) for f in done]
-            for ex, finish in batch:
+            finished = [(in_flight.pop(f), f.result()) for f in done]
+            for ex, finish in finished:
                 self._tally(result, ex, finish)
+            batch.extend(finished)
             self.progress(f"delivering: {result.sent} sent, {result.failed + result.dead} failed, {len(in_flight)} in flight")
 
     def _know_version(self, number: int | None) -> None:
@@ -383,10 +403,10 @@ class Agent:
             if done:
                 return done
 
-    def _put_back(self, put_back: set[int], in_flight: dict[Future, Execution]) -> bool:
+    def _put_back(self, put_back: set[int], in_flight: dict[Future, Execution], unrecorded: list[tuple[Execution, Finish]]) -> bool:
         """Re-queue the executions the runner puts back, once their own outcome is recorded; whether any was."""
         put_back.update(self.runner.take_put_back())
-        running = {ex.id for ex in in_flight.values()}
+        running = {ex.id for ex in in_flight.values()} | {ex.id for ex, _ in unrecorded}
         ready = [ex_id for ex_id in put_back if ex_id not in running]
         if not ready:
             return False

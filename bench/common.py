@@ -9,6 +9,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,33 +21,68 @@ for _path in (ROOT / "tests", ROOT):
 PAGE = 1000  # records per view page
 
 
-def _serve(kind: str, n: int, conn) -> None:
-    """Child process: serve a view of `n` leads (or a sink) until the parent says stop."""
+def _serve(kind: str, n: int, conn, options: dict | None = None) -> None:
+    """Child process: serve a view of `n` leads, a sink or an SMTP server until the parent says stop.
+
+    A view told ("show", k) serves only its `k` oldest leads from then on (its newest-first pages
+    grow by the others when told ("show", n) again): new records appear between two polls.
+    """
+    options = options or {}
+    if kind == "smtp":
+        from smtpserver import SmtpServer
+
+        server = SmtpServer()
+        server.start()
+        conn.send(f"{server.host}:{server.port}")
+        conn.recv()
+        server.stop()
+        return
     from sinkserver import SinkServer
     from viewserver import ViewServer, make_leads
 
-    server = ViewServer(make_leads(n), paging="page", page_size=PAGE) if kind == "view" else SinkServer()
+    # a lead a minute, the newest a day ago: none dated after the agent's clock, nor after its priming began
+    start = datetime.now(timezone.utc) - timedelta(minutes=n, days=1)
+    leads = make_leads(n, start=start.strftime("%Y-%m-%dT%H:%M:%SZ")) if kind == "view" else []
+    server = ViewServer(leads[:options.get("show", n)], paging="page", page_size=PAGE) if kind == "view" else SinkServer()
+    if kind == "sink":
+        server.delay = options.get("delay", 0.0)
     server.start()
     url = server.url
     if kind == "view":  # sort the view once before anyone measures
         urllib.request.urlopen(f"{url}?page=1&pageSize=1").read()
     conn.send(url)
-    conn.recv()
+    while (message := conn.recv()) != "stop":
+        server.records = leads[:message[1]]
+        urllib.request.urlopen(f"{url}?page=1&pageSize=1").read()  # sorted again before anyone measures
+        conn.send("ok")
     server.stop()
 
 
+class Served(str):
+    """The URL of a server in a child process (a str), able to tell a view to show more or fewer records."""
+
+    conn = None
+
+    def show(self, k: int) -> None:
+        self.conn.send(("show", k))
+        self.conn.recv()
+
+
 @contextmanager
-def served(kind: str, n: int = 0) -> Iterator[str]:
-    """A ViewServer of `n` leads ("view") or a SinkServer ("sink") in its own process; yields its URL.
+def served(kind: str, n: int = 0, **options) -> Iterator[Served]:
+    """A ViewServer of `n` leads ("view"), a SinkServer ("sink", `delay=` seconds per request) or an
+    SmtpServer ("smtp", yields "host:port") in its own process; yields its URL.
 
     Its own process so the server's CPU time does not compete for the agent's GIL.
     """
     ctx = multiprocessing.get_context("spawn")
     mine, theirs = ctx.Pipe()
-    process = ctx.Process(target=_serve, args=(kind, n, theirs), daemon=True)
+    process = ctx.Process(target=_serve, args=(kind, n, theirs, options), daemon=True)
     process.start()
     try:
-        yield mine.recv()
+        url = Served(mine.recv())
+        url.conn = mine
+        yield url
     finally:
         mine.send("stop")
         process.join(10)

@@ -84,7 +84,7 @@ FLOW_STATUSES = tuple(Status)  # as listings show them
 STATUSES = FLOW_STATUSES + ("quarantined",)  # what `executions --status` takes (quarantined: records, not executions)
 
 TOUCH_EVERY = 3600.0  # a re-shown key's last_seen is refreshed at most this often (a write per page, not per poll)
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # One list of schema versions for both backends; each backend brings its ledger from any of them to the last.
 SCHEMA_VERSIONS = {
     1: "records, executions, attempts, cursors, polls, quarantine, meta",
@@ -92,6 +92,7 @@ SCHEMA_VERSIONS = {
     3: "config versions, executions.version, cursors.identity",
     4: "executions (flow, status) index",
     5: "fenced leases: executions.epoch and owner, source_leases, agents",
+    6: "claim indexes: unfinished work by (next_at, id) and by (flow, entity)",
 }
 
 

@@ -54,7 +54,8 @@ _IN_FINISHED = "IN " + _sql_list(FINISHED)
 
 _AUTOVACUUM = "WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02)"  # hot tables: vacuum early
 
-# The whole schema at version 5 (no PostgreSQL ledger predates it); later versions add steps to _UPGRADES.
+# The whole schema at version 6 (no PostgreSQL ledger predates version 5; 6 added the two claim indexes it always had);
+# later versions add steps to _UPGRADES.
 _SCHEMA = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)",
     "CREATE TABLE records (source TEXT NOT NULL, key TEXT NOT NULL, id TEXT, version TEXT, hash TEXT,"

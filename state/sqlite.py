@@ -550,11 +550,14 @@ class SqliteLedger:
         """Due waiting work and running work whose lease ran out (another agent's);
         a version waits while its entity has one running or an earlier one unfinished."""
         earlier = self._BEFORE.format(a="o", b="e")
+        # one walk of the executions_due index in (next_at, id) order that stops at the limit: a running row is
+        # in it too (its lease always ends after its next_at), claimable once its lease ran out
         cursor = conn.execute(
-            f"SELECT e.* FROM executions e WHERE ((e.status {_IN_WAITING} AND e.next_at <= ?)"
-            " OR (e.status = 'running' AND e.lease_until < ? AND (e.owner IS NULL OR e.owner != ?)))"
-            " AND NOT EXISTS (SELECT 1 FROM executions o WHERE o.flow = e.flow AND o.entity = e.entity AND o.id != e.id"
-            f" AND o.single = 0 AND e.single = 0 AND o.status {_IN_ACTIVE} AND (o.status = 'running' OR {earlier}))"
+            f"SELECT e.* FROM executions e INDEXED BY executions_due WHERE e.status {_IN_ACTIVE} AND e.next_at <= ?"
+            " AND (e.status != 'running' OR (e.lease_until < ? AND (e.owner IS NULL OR e.owner != ?)))"
+            " AND NOT EXISTS (SELECT 1 FROM executions o INDEXED BY executions_unfinished WHERE o.flow = e.flow"
+            f" AND o.entity = e.entity AND o.id != e.id AND o.single = 0 AND e.single = 0 AND o.status {_IN_ACTIVE}"
+            f" AND (o.status = 'running' OR {earlier}))"
             " ORDER BY e.next_at, e.id LIMIT ?",
             (now, now, self.worker, limit),
         )

@@ -152,3 +152,25 @@ def test_the_record_column_shows_the_whole_key_or_a_clear_ellipsis(tmp_path, cli
     [long_line] = [line for line in out.splitlines() if "S222" in line]
     assert f" {medium} " in medium_line
     assert long not in long_line and "S" + "2" * 20 in long_line and "…" in long_line
+
+
+def test_a_stop_landing_where_exceptions_are_swallowed_still_ends_the_command():
+    """The early stop handler runs wherever the main thread is: in a __del__ (or a compiled library's callback)
+    an exception raised there is swallowed, so the stop must not be an exception."""
+    script = """
+import os, signal, sys, time
+from agent.__main__ import STOPS, _stop_now
+for signum in STOPS:
+    signal.signal(signum, _stop_now)
+
+class Dropped:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs in here, inside __del__
+
+Dropped()
+print("the command went on after its stop")
+sys.exit(1)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0 and done.stdout == "" and "Traceback" not in done.stderr, (done.returncode, done.stdout, done.stderr)

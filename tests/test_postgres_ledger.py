@@ -7,7 +7,7 @@ import threading
 import psycopg
 import pytest
 
-from state.base import Admission, Finish, LeaseLost, LedgerError, LedgerUnwritable
+from state.base import SCHEMA_VERSION, Admission, Finish, LeaseLost, LedgerError, LedgerUnwritable
 from state.postgres import _CLAIM, PostgresLedger
 
 NOW = 1_800_000_000.0
@@ -197,7 +197,7 @@ def test_a_reader_does_not_migrate_nor_register_as_an_agent(pg_url):
     finally:
         reader.close()
     PostgresLedger(pg_url).close()
-    assert sql(pg_url, "SELECT value FROM meta WHERE name = 'schema_version'") == [("5",)]
+    assert sql(pg_url, "SELECT value FROM meta WHERE name = 'schema_version'") == [(str(SCHEMA_VERSION),)]
 
 
 def test_a_ledger_newer_than_the_agent_is_refused(pg_url):
