@@ -456,3 +456,18 @@ def test_a_static_header_with_an_encoded_word_of_an_unknown_charset_is_refused_n
 
     assert header_safe("=?x-unknown?q?hi?=") is False  # decoding it raised LookupError before
     assert header_safe("=?utf-8?q?hi?=") is True
+
+
+def test_the_environments_proxy_settings_are_read_once_per_origin_and_still_apply(monkeypatch):
+    """requests would read os.environ for proxies on every call; the session reads it once per origin, with the same result."""
+    from agent.http import build_session
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "skip.invalid")
+    session = build_session()
+    via = session.merge_environment_settings("http://crm.invalid/a", {}, None, None, None)
+    direct = session.merge_environment_settings("http://skip.invalid/a", {}, None, None, None)
+    assert via["proxies"].get("http") == "http://proxy.invalid:3128" and "http" not in direct["proxies"]
+    monkeypatch.setenv("HTTP_PROXY", "http://other.invalid:3128")  # read once: the settings of the first call stay
+    assert session.merge_environment_settings("http://crm.invalid/b", {}, None, None, None)["proxies"]["http"] == "http://proxy.invalid:3128"
+    assert build_session().merge_environment_settings("http://crm.invalid/b", {}, None, None, None)["proxies"]["http"] == "http://other.invalid:3128"
