@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown (and unused) when it is not loaded
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: two workers a core. Most tests wait on sockets, subprocesses and servers, not on the CPU:
     on 2 cores, 4 workers finish the suite in about 100 s where 2 take about 120 s."""
