@@ -2,7 +2,9 @@
 
 A sibling of ``state/sqlite.py`` with the same meaning for every operation (one
 contract suite runs against both); the interface, its types and the statuses
-are in ``state/base.py``. What differs is that agents run side by side:
+are in ``state/base.py``, the operations whose SQL is the same on SQLite in
+``state/sql.py`` (written with ``?``: ``_Pyformat`` turns it into ``%s``).
+What differs is that agents run side by side:
 
 - a source is polled by the agent holding its lease (``source_leases``: owner,
   epoch); the first statement of every write for a held source is
@@ -24,8 +26,9 @@ import json
 import os
 import threading
 import time
-from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -34,23 +37,14 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from state.base import (
-    ACTIVE, FINISHED, MOVABLE, SCHEMA_VERSION, TOUCH_EVERY, WAITING, Admission, Admitted, Execution, Finish, LeaseLost,
-    LedgerBusy, LedgerError, LedgerUnwritable, Renewed, masked, new_worker_id, to_json,
+    SCHEMA_VERSION, TOUCH_EVERY, Admission, Admitted, Execution, Finish, LeaseLost,
+    LedgerBusy, LedgerError, LedgerUnwritable, Renewed, new_worker_id,
 )
+from state.sql import IN_ACTIVE, SqlLedger, Statements
 
 _UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
 _MIGRATION_LOCK = 0x73796E63_6C656467  # pg_advisory_xact_lock key: two agents starting together migrate one at a time
 _BUSY = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available: try again later
-
-
-def _sql_list(values: Iterable[str]) -> str:
-    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
-
-
-_IN_WAITING = "IN " + _sql_list(WAITING)
-_IN_ACTIVE = "IN " + _sql_list(ACTIVE)
-_IN_MOVABLE = "IN " + _sql_list(MOVABLE)
-_IN_FINISHED = "IN " + _sql_list(FINISHED)
 
 _AUTOVACUUM = "WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02)"  # hot tables: vacuum early
 
@@ -68,8 +62,8 @@ _SCHEMA = (
     f" epoch INTEGER NOT NULL DEFAULT 0, owner TEXT) {_AUTOVACUUM}",
     # the claim walks due work in order on the first and looks for an entity's unfinished versions on the second:
     # both hold only unfinished rows, so millions of finished ones cost the claim nothing
-    f"CREATE INDEX executions_due ON executions (next_at, id) WHERE status {_IN_ACTIVE}",
-    f"CREATE INDEX executions_unfinished ON executions (flow, entity) WHERE status {_IN_ACTIVE}",
+    f"CREATE INDEX executions_due ON executions (next_at, id) WHERE status {IN_ACTIVE}",
+    f"CREATE INDEX executions_unfinished ON executions (flow, entity) WHERE status {IN_ACTIVE}",
     "CREATE INDEX executions_flow_entity ON executions (flow, entity, id)",
     "CREATE INDEX executions_source_key ON executions (source, key)",
     "CREATE INDEX executions_flow_status ON executions (flow, status)",
@@ -103,10 +97,10 @@ _BEFORE = ("(COALESCE({a}.version_at, %r) < COALESCE({b}.version_at, %r) OR (COA
 _CLAIM = (
     "WITH due AS MATERIALIZED ("
     " SELECT e.id, e.status AS was FROM executions e"
-    f" WHERE e.status {_IN_ACTIVE} AND e.next_at <= %(now)s"
+    f" WHERE e.status {IN_ACTIVE} AND e.next_at <= %(now)s"
     "  AND (e.status <> 'running' OR (e.lease_until < %(now)s AND (e.owner IS NULL OR e.owner <> %(me)s)))"
     "  AND NOT EXISTS (SELECT 1 FROM executions o WHERE o.flow = e.flow AND o.entity = e.entity AND o.id <> e.id"
-    f"  AND o.single = 0 AND e.single = 0 AND o.status {_IN_ACTIVE} AND (o.status = 'running' OR {_BEFORE.format(a='o', b='e')}))"
+    f"  AND o.single = 0 AND e.single = 0 AND o.status {IN_ACTIVE} AND (o.status = 'running' OR {_BEFORE.format(a='o', b='e')}))"
     " ORDER BY e.next_at, e.id LIMIT %(limit)s FOR UPDATE OF e SKIP LOCKED)"
     " UPDATE executions x SET status = 'running', attempts = x.attempts + 1, first_attempt = COALESCE(x.first_attempt, %(now)s),"
     " lease_until = %(until)s, owner = %(me)s, epoch = x.epoch + 1, updated = %(now)s"
@@ -155,10 +149,9 @@ _RENEW_RUNNING = (
     " ON x.id = r.id AND x.epoch = r.epoch WHERE x.status = 'running' ORDER BY x.id FOR UPDATE OF x)"
     " UPDATE executions SET lease_until = %s FROM mine WHERE executions.id = mine.id RETURNING executions.id"
 )
-_EXECUTION_COLUMNS = "id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version"
 
 
-class PostgresLedger:
+class PostgresLedger(SqlLedger):
     """A ledger in a PostgreSQL database, shared by every agent pointed at it."""
 
     def __init__(self, url: str, *, reader: bool = False, failpoint: Callable[[str], None] = lambda name: None,
@@ -224,12 +217,6 @@ class PostgresLedger:
             pool.close()
             self.pool = None
 
-    def __enter__(self) -> "PostgresLedger":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     # -- transactions and errors -----------------------------------------------------------------
     @contextmanager
     def _transaction(self, source: str | None = None, rows: bool = False) -> Iterator[psycopg.Cursor]:
@@ -241,6 +228,25 @@ class PostgresLedger:
                 yield cur
         except psycopg.Error as error:
             raise self._classify(error) from None
+
+    @contextmanager
+    def _atomic(self, source: str | None = None) -> Iterator[Statements]:
+        with self._transaction(source) as cur:
+            yield _Pyformat(cur)
+
+    def _reading(self) -> AbstractContextManager[Statements]:
+        """Reads run in a transaction too: several reads of one operation see one snapshot."""
+        return self._atomic()
+
+    @staticmethod
+    def _in(column: str, values: Sequence[Any]) -> tuple[str, list]:
+        return f"{column} = ANY(?)", [list(values)]
+
+    @staticmethod
+    def _update_ids(tx: Statements, assignments: str, values: Sequence[Any], where: str, params: Sequence[Any]) -> list[int]:
+        """One statement, so a row another agent changed meanwhile is re-checked, not overwritten (READ COMMITTED)."""
+        rows = tx.execute(f"UPDATE executions SET {assignments} WHERE {where} RETURNING id", (*values, *params)).fetchall()
+        return sorted(r[0] for r in rows)
 
     @contextmanager
     def _begin(self) -> Iterator[psycopg.Connection]:
@@ -259,14 +265,6 @@ class PostgresLedger:
                     raise
                 yield conn
                 return
-
-    def _rows(self, sql: str, params: Any = ()) -> list[dict]:
-        with self._transaction(rows=True) as cur:
-            return cur.execute(sql, params).fetchall()
-
-    def _tuples(self, sql: str, params: Any = ()) -> list[tuple]:
-        with self._transaction() as cur:
-            return cur.execute(sql, params).fetchall()
 
     def _classify(self, error: psycopg.Error) -> LedgerError:
         text = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -316,11 +314,6 @@ class PostgresLedger:
     def _text(self, text: str | None) -> str | None:
         """A text as the ledger keeps it: masked (and without NUL, which PostgreSQL text cannot hold)."""
         return None if text is None else self.mask(text).replace("\x00", "\ufffd")
-
-    def _dump(self, value: Any) -> str:
-        """A JSON value as the ledger keeps it: masked string by string, so it stays valid JSON."""
-        text = to_json(value)
-        return text if self.mask(text) == text else to_json(masked(value, self.mask))
 
     def size(self) -> int | None:
         """Bytes the database takes."""
@@ -402,7 +395,7 @@ class PostgresLedger:
 
     def known_content(self, source: str, hashes: set[str]) -> set[str]:
         """The record hashes of ``hashes`` the ledger holds for this source (under any key)."""
-        return {r[0] for r in self._tuples("SELECT DISTINCT hash FROM records WHERE source = %s AND hash = ANY(%s)", (source, list(hashes)))}
+        return {r[0] for r in self._tuples("SELECT DISTINCT hash FROM records WHERE source = ? AND hash = ANY(?)", (source, list(hashes)))}
 
     def quarantine(self, source: str, hash: str, reason: str, page: str, excerpt: str, now: float) -> bool:
         """Keep a record that cannot be admitted; True the first time this content is seen."""
@@ -416,40 +409,10 @@ class PostgresLedger:
         return first
 
     # -- polls and cursors -----------------------------------------------------------------
-    def cursor(self, source: str) -> dict | None:
-        rows = self._rows("SELECT * FROM cursors WHERE source = %s", (source,))
-        return rows[0] if rows else None
-
     def start_poll(self, source: str, now: float) -> int:
         with self._transaction(source) as cur:
             return cur.execute("INSERT INTO polls (source, started, pages, fetched, new, primed, quarantined)"
                                " VALUES (%s, %s, 0, 0, 0, 0, 0) RETURNING id", (source, now)).fetchone()[0]
-
-    def new_view(self, source: str) -> None:
-        """The source now reads another view: forget its cursor and its good polls, so `first_run` decides again."""
-        with self._transaction(source) as cur:
-            cur.execute("UPDATE cursors SET value = NULL, last_success = NULL, prime_started = NULL, identity = NULL WHERE source = %s", (source,))
-
-    def start_priming(self, source: str, now: float) -> float:
-        """When priming of this source began: ``now`` the first time, then kept until a poll succeeds."""
-        with self._transaction(source) as cur:
-            cur.execute("INSERT INTO cursors (source) VALUES (%s) ON CONFLICT (source) DO NOTHING", (source,))
-            return cur.execute("UPDATE cursors SET prime_started = COALESCE(prime_started, %s) WHERE source = %s RETURNING prime_started",
-                               (now, source)).fetchone()[0]
-
-    def end_poll(self, poll: int, source: str, now: float, *, pages: int, fetched: int, new: int, primed: int,
-                 quarantined: int, error: str | None, cursor: str | None, identity: str | None = None) -> None:
-        """Record a poll's outcome; the cursor (and the source's identity) move only when the poll succeeded."""
-        error = self._text(error)
-        with self._transaction(source) as cur:
-            cur.execute("UPDATE polls SET finished = %s, pages = %s, fetched = %s, new = %s, primed = %s, quarantined = %s, error = %s WHERE id = %s",
-                        (now, pages, fetched, new, primed, quarantined, error, poll))
-            cur.execute("INSERT INTO cursors (source) VALUES (%s) ON CONFLICT (source) DO NOTHING", (source,))
-            if error is None:
-                cur.execute("UPDATE cursors SET value = COALESCE(%s, value), last_poll = %s, last_success = %s, last_error = NULL,"
-                            " identity = COALESCE(%s, identity) WHERE source = %s", (cursor, now, now, identity, source))
-            else:
-                cur.execute("UPDATE cursors SET last_poll = %s, last_error = %s WHERE source = %s", (now, error, source))
 
     # -- leases and agents -----------------------------------------------------------------
     def take_source(self, source: str, now: float, lease: float) -> bool:
@@ -465,14 +428,6 @@ class PostgresLedger:
         self._held[source] = (row[0], deadline)
         self._lost.discard(source)
         return True
-
-    def release(self, now: float) -> None:
-        """Give up the leases held (a clean stop: others take them at once) and mark this agent stopped."""
-        with self._transaction() as cur:
-            cur.execute("UPDATE source_leases SET owner = NULL, lease_until = NULL WHERE owner = %s", (self.worker,))
-            cur.execute("UPDATE agents SET stopped = %s WHERE id = %s", (now, self.worker))
-        self._lost.update(self._held)
-        self._held.clear()
 
     def heartbeat(self, now: float, lease: float, running: list[Execution]) -> Renewed:
         """Renew this agent's row, its source leases and the leases of its running executions, in one transaction."""
@@ -504,10 +459,10 @@ class PostgresLedger:
         """Agents seen in the last day, newest heartbeat first: the sources whose lease each holds, the executions it runs."""
         return self._rows(
             "SELECT a.id, a.host, a.pid, a.started, a.heartbeat, a.stopped,"
-            " ARRAY(SELECT s.source FROM source_leases s WHERE s.owner = a.id AND s.lease_until >= %(now)s ORDER BY s.source) AS sources,"
+            " ARRAY(SELECT s.source FROM source_leases s WHERE s.owner = a.id AND s.lease_until >= ? ORDER BY s.source) AS sources,"
             " (SELECT COUNT(*) FROM executions e WHERE e.status = 'running' AND e.owner = a.id) AS running"
-            " FROM agents a WHERE a.stopped IS NULL OR a.stopped > %(since)s ORDER BY a.heartbeat DESC, a.id",
-            {"now": now, "since": now - 86400})
+            " FROM agents a WHERE a.stopped IS NULL OR a.stopped > ? ORDER BY a.heartbeat DESC, a.id",
+            (now, now - 86400))
 
     # -- delivery -----------------------------------------------------------------
     def recover(self, now: float) -> int:
@@ -605,11 +560,6 @@ class PostgresLedger:
     def _wake(cur: psycopg.Cursor, now: float) -> int:
         return cur.execute("UPDATE executions SET next_at = %s, updated = %s WHERE status = 'paused'", (now, now)).rowcount
 
-    def next_due(self, after: float | None = None) -> float | None:
-        """The earliest time a waiting execution becomes due (later than ``after`` when given), or None."""
-        since = "" if after is None else " AND next_at > %s"
-        return self._tuples(f"SELECT MIN(next_at) FROM executions WHERE status {_IN_WAITING}{since}", () if after is None else (after,))[0][0]
-
     # -- config versions -----------------------------------------------------------------
     def use_config(self, hash: str, text: str, sections: dict, flows: dict, now: float) -> int:
         """Record the config the agent runs with (once per distinct content) and pin unpinned work to it; its number."""
@@ -621,200 +571,24 @@ class PostgresLedger:
             cur.execute("UPDATE executions SET version = %s WHERE version IS NULL", (number,))
         return number
 
-    def config_versions(self) -> list[dict]:
-        """Every recorded config version, oldest first (number, hash, first_used, last_used, sections)."""
-        rows = self._rows("SELECT number, hash, first_used, last_used, sections FROM config_versions ORDER BY number")
-        for row in rows:
-            row["sections"] = json.loads(row["sections"])
-        return rows
 
-    def config_version(self, number: int) -> dict | None:
-        """One version with its (masked) text and pinned flow definitions."""
-        rows = self._rows("SELECT * FROM config_versions WHERE number = %s", (number,))
-        for row in rows:
-            row["sections"], row["flows"] = json.loads(row["sections"]), json.loads(row["flows"])
-        return rows[0] if rows else None
+class _Pyformat:
+    """A psycopg cursor taking the shared statements' ``?`` placeholders."""
 
-    def waiting_work(self, ids: list[int] | None = None, flow: str | None = None) -> list[dict]:
-        """Executions that can move to another flow version: waiting, failed or dead (not running, not finished)."""
-        where, params = _matching(flow=flow)
-        if ids:
-            where, params = where + " AND id = ANY(%s)", params + [list(ids)]
-        return self._rows(f"SELECT id, flow, step, attempts, status, version, single, context FROM executions"
-                          f" WHERE status {_IN_MOVABLE} AND {where} ORDER BY id", params)
+    def __init__(self, cur: psycopg.Cursor):
+        self.cur = cur
 
-    def move_to_version(self, moves: list[tuple[int, int, int, dict]], now: float) -> int:
-        """(execution, version, step, context): re-pin waiting work; only rows still waiting move."""
-        with self._transaction() as cur:
-            return sum(cur.execute(f"UPDATE executions SET version = %s, step = %s, context = %s, updated = %s WHERE id = %s AND status {_IN_MOVABLE}",
-                                   (version, step, to_json(context), now, ex_id)).rowcount for ex_id, version, step, context in moves)
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
+        return self.cur.execute(_pyformat(sql), params)
 
-    # -- operator views and actions -----------------------------------------------------------------
-    def executions(self, *, status: str | None = None, flow: str | None = None, limit: int = 1000, ids: list[int] | None = None) -> list[dict]:
-        where, params = _matching(status=status, flow=flow)
-        if ids:
-            where, params = where + " AND id = ANY(%s)", params + [list(ids)]
-        return self._rows(f"SELECT {_EXECUTION_COLUMNS}, context FROM executions WHERE {where} ORDER BY id LIMIT %s", (*params, limit))
-
-    def attempts_of(self, execution: int) -> list[dict]:
-        return self._rows("SELECT step, n, started, finished, outcome, status_code, error FROM attempts WHERE execution = %s ORDER BY id", (execution,))
-
-    def quarantined(self, source: str | None = None) -> list[dict]:
-        where, params = _matching(source=source)
-        return self._rows("SELECT source, hash, reason, page, excerpt, first_seen, last_seen, count FROM quarantine"
-                          f" WHERE {where} ORDER BY first_seen", params)
-
-    def fail_by_hand(self, ids: list[int], now: float, why: str) -> list[int]:
-        """Fail waiting executions (pending, retrying, paused) on an operator's word; `retry` can bring them back."""
-        with self._transaction() as cur:
-            found = cur.execute(f"UPDATE executions SET status = 'failed', next_at = NULL, last_error = %s, updated = %s"
-                                f" WHERE status {_IN_WAITING} AND id = ANY(%s) RETURNING id", (self._text(why), now, list(ids))).fetchall()
-        return sorted(r[0] for r in found)
-
-    def requeue(self, ids: list[int] | None, now: float, *, dead: bool = False) -> list[int]:
-        """Make failed, dead or paused executions due again with the same idempotency key."""
-        which = "status = 'dead'" if dead else "status IN ('failed', 'dead', 'paused') AND id = ANY(%s)"
-        with self._transaction() as cur:
-            found = cur.execute("UPDATE executions SET status = 'retrying', attempts = 0, first_attempt = NULL, next_at = %s, updated = %s"
-                                f" WHERE {which} RETURNING id", (now, now) if dead else (now, now, list(ids or []))).fetchall()
-        return sorted(r[0] for r in found)
-
-    def requeue_matching(self, statuses: tuple[str, ...], now: float, *, flow: str | None = None, since: float | None = None) -> list[int]:
-        """``requeue`` for every execution in ``statuses`` (of a flow; failed or dead since a time: ``updated``), in one transaction."""
-        where, params = _matching(flow=flow, updated=since)
-        with self._transaction() as cur:
-            found = cur.execute("UPDATE executions SET status = 'retrying', attempts = 0, first_attempt = NULL, next_at = %s, updated = %s"
-                                f" WHERE {where} AND status = ANY(%s) RETURNING id", (now, now, *params, list(statuses))).fetchall()
-        return sorted(r[0] for r in found)
-
-    def replayable(self, flow: str, since: float | None = None, entity: str | None = None) -> list[int]:
-        """Succeeded executions of a flow (optionally created since a time, of one entity)."""
-        where, params = _matching(flow=flow, created=since, entity=entity)
-        return [r[0] for r in self._tuples(f"SELECT id FROM executions WHERE {where} AND status = 'succeeded' AND single = 0 ORDER BY id", params)]
-
-    def replay(self, ids: list[int], now: float, version: int | None = None) -> int:
-        """Schedule finished executions again from their first step, each under a new replay number (a new key),
-        on config ``version`` (the current one: a replay is sent now, by today's flow)."""
-        with self._transaction(rows=True) as cur:
-            rows = cur.execute("SELECT * FROM executions WHERE id = ANY(%s) ORDER BY id", (list(ids),)).fetchall()
-            for row in rows:
-                old = json.loads(row["context"])
-                generation = cur.execute("SELECT COALESCE(MAX(replay), 0) + 1 AS n FROM executions WHERE flow = %s AND source = %s AND key = %s",
-                                         (row["flow"], row["source"], row["key"])).fetchone()["n"]
-                cur.execute(
-                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, version_at, version)"
-                    " VALUES (%s, %s, %s, %s, 0, 'pending', 0, %s, %s, %s, %s, %s, %s, %s)",
-                    (row["flow"], row["source"], row["key"], row["entity"], now,
-                     self._dump(_start_of(old)), now, now, generation, row["version_at"], version),
-                )
-        return len(rows)
-
-    def pause_reasons(self) -> dict[str, str]:
-        """flow -> the latest error of its paused executions (why a connector waits)."""
-        return dict(self._tuples("SELECT flow, last_error FROM executions WHERE status = 'paused' ORDER BY updated, id"))
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """flow -> status -> number of executions."""
-        out: dict[str, dict[str, int]] = {}
-        for flow, status, n in self._tuples("SELECT flow, status, COUNT(*) FROM executions GROUP BY flow, status"):
-            out.setdefault(flow, {})[status] = n
-        return out
-
-    def sources(self) -> dict[str, dict]:
-        """source -> cursor row plus records seen and quarantined counts and the last poll."""
-        with self._transaction(rows=True) as cur:
-            cursors = cur.execute("SELECT * FROM cursors").fetchall()
-            seen = cur.execute("SELECT source, COUNT(*) AS n FROM records GROUP BY source").fetchall()
-            quarantined = cur.execute("SELECT source, COUNT(*) AS n FROM quarantine GROUP BY source").fetchall()
-            last = cur.execute("SELECT p.* FROM polls p JOIN (SELECT source, MAX(id) AS id FROM polls WHERE finished IS NOT NULL"
-                               " GROUP BY source) l ON p.id = l.id").fetchall()
-        out: dict[str, dict] = {row["source"]: dict(row) for row in cursors}
-        for rows, name in ((seen, "seen"), (quarantined, "quarantined")):
-            for row in rows:
-                out.setdefault(row["source"], {"source": row["source"]})[name] = row["n"]
-        for row in last:
-            out.setdefault(row["source"], {"source": row["source"]})["last"] = row
-        return out
-
-    def prune(self, before: float, windows: dict[str, float], now: float) -> dict[str, int]:
-        """Delete finished executions (and their attempts) older than ``before``; seen keys no poll has shown for their source's window.
-
-        A key's last_seen may lag by up to TOUCH_EVERY, so a key goes only when it
-        is older than the window by that much: never while the view can show it."""
-        old = f"status {_IN_FINISHED} AND updated < %s"
-        with self._transaction() as cur:
-            attempts = cur.execute(f"DELETE FROM attempts WHERE execution IN (SELECT id FROM executions WHERE {old})", (before,)).rowcount
-            executions = cur.execute(f"DELETE FROM executions WHERE {old}", (before,)).rowcount
-            polls = cur.execute("DELETE FROM polls WHERE finished < %s", (before,)).rowcount
-            records = 0
-            for source, window in windows.items():
-                records += cur.execute(
-                    "DELETE FROM records WHERE source = %s AND COALESCE(last_seen, first_seen) < %s"
-                    " AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.source = records.source AND e.key = records.key)",
-                    (source, now - window - TOUCH_EVERY),
-                ).rowcount
-        return {"executions": executions, "attempts": attempts, "polls": polls, "records": records}
-
-    # -- connectors the agent cannot reach (written by the agent, read by `status`) -----------------------
-    def set_unreachable(self, connector: str, since: float | None, why: str | None = None) -> None:
-        """Record since when a connector cannot be reached and why; ``since=None``: it is reachable again."""
-        name = f"unreachable:{connector}"
-        with self._transaction() as cur:
-            if since is None:
-                cur.execute("DELETE FROM meta WHERE name = %s", (name,))
-            else:
-                cur.execute("INSERT INTO meta (name, value) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
-                            (name, to_json({"since": since, "why": self._text(why)})))
-
-    def unreachable(self) -> dict[str, tuple[float, str]]:
-        """connector -> (unreachable since, why), as the agent last recorded it."""
-        rows = self._tuples("SELECT name, value FROM meta WHERE starts_with(name, 'unreachable:')")
-        return {name[12:]: (value["since"], value["why"] or "") for name, value in ((n, json.loads(v)) for n, v in rows)}
-
-    def count_paused(self, reason: str) -> int:
-        """How many paused executions wait for this reason: their last error begins with it."""
-        return self._tuples("SELECT COUNT(*) FROM executions WHERE status = 'paused' AND starts_with(last_error, %s)", (reason,))[0][0]
-
-    # -- an operator's questions: listings, one record's story, bulk re-queues ---------------------------------------
-    def execution_list(self, *, status: str | None = None, flow: str | None = None, key: str | None = None,
-                       entity: str | None = None, since: float | None = None, limit: int = 200) -> list[dict]:
-        """Executions newest first; each filter narrows (``since``: created at or after)."""
-        where, params = _matching(status=status, flow=flow, key=key, entity=entity, created=since)
-        return self._rows(f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE {where} ORDER BY id DESC LIMIT %s", (*params, limit))
-
-    def record(self, source: str, key: str) -> dict | None:
-        """A seen record: its id, version and when polls first and last showed it (last_seen lags by up to TOUCH_EVERY)."""
-        rows = self._rows("SELECT source, key, id, version, hash, first_seen, last_seen FROM records WHERE source = %s AND key = %s", (source, key))
-        return rows[0] if rows else None
-
-    def keys_of_id(self, id: str, limit: int = 20) -> list[tuple[str, str]]:
-        """(source, key) of the seen records whose id is ``id`` (several under `dedupe = "id+updated"`), oldest first."""
-        return [tuple(r) for r in self._tuples("SELECT source, key FROM records WHERE id = %s ORDER BY first_seen LIMIT %s", (id, limit))]
-
-    def executions_of(self, source: str, key: str) -> list[dict]:
-        """Every execution of one record, oldest first, with its attempts."""
-        with self._transaction(rows=True) as cur:
-            rows = cur.execute(f"SELECT {_EXECUTION_COLUMNS}, replay, single FROM executions WHERE source = %s AND key = %s ORDER BY id",
-                               (source, key)).fetchall()
-            for row in rows:
-                row["attempts_made"] = cur.execute("SELECT step, n, started, finished, outcome, status_code, error FROM attempts"
-                                                   " WHERE execution = %s ORDER BY id", (row["id"],)).fetchall()
-        return rows
-
-    def poll_at(self, source: str, when: float) -> dict | None:
-        """The poll of a source that was running at ``when`` (the last one started by then), if it is still kept."""
-        rows = self._rows("SELECT * FROM polls WHERE source = %s AND started <= %s ORDER BY id DESC LIMIT 1", (source, when))
-        return rows[0] if rows else None
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
+        self.cur.executemany(_pyformat(sql), params)
 
 
-def _matching(**filters: Any) -> tuple[str, list]:
-    """A WHERE clause (and its parameters) for the filters given: ``created``/``updated`` are lower bounds, the rest equalities."""
-    where, params = ["TRUE"], []
-    for column, value in filters.items():
-        if value is not None:
-            where.append(f"{column} >= %s" if column in ("created", "updated") else f"{column} = %s")
-            params.append(value)
-    return " AND ".join(where), params
+@lru_cache(maxsize=512)
+def _pyformat(sql: str) -> str:
+    """``?`` -> ``%s``; a literal ``%`` doubled, as psycopg reads ``%`` as a placeholder."""
+    return sql.replace("%", "%%").replace("?", "%s")
 
 
 def _without_password(url: str) -> tuple[str, str | None]:
@@ -831,9 +605,3 @@ def _without_password(url: str) -> tuple[str, str | None]:
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment)), secret or os.environ.get("PGPASSWORD") or None
 
 
-def _start_of(context: dict) -> dict:
-    """What a replay starts from: the record and cursor, and for a chained flow the upstream's outputs it was started with."""
-    start = {"record": context.get("record"), "cursor": context.get("cursor")}
-    if "upstream" in context:
-        start["upstream"] = context["upstream"]
-    return start

@@ -4,7 +4,8 @@ One agent holds a ledger at a time (an exclusive ``flock`` on ``<ledger>.lock``)
 Every write is one ``BEGIN IMMEDIATE`` transaction; WAL with
 ``synchronous=FULL``; files are created 0600; ``PRAGMA quick_check`` at open;
 the schema migrates forward (sqlite-utils ``Migrations``) and an old ledger is
-never dropped. The interface, its types and the statuses: ``state/base.py``.
+never dropped. The interface, its types and the statuses: ``state/base.py``; the
+operations whose SQL is the same on PostgreSQL: ``state/sql.py``.
 
 Leases and epochs are kept as on PostgreSQL (one contract suite runs against
 both), but the flock makes this agent the only one: a lease left by a dead
@@ -18,24 +19,17 @@ import os
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from loguru import logger
 
 from state.base import (
-    ACTIVE, FINISHED, MOVABLE, SCHEMA_VERSION, TOUCH_EVERY, WAITING, Admission, Admitted, Execution, Finish, LeaseLost,
-    LedgerBusy, LedgerDamaged, LedgerError, LedgerUnwritable, Renewed, chunks, masked, new_worker_id, to_json,
+    SCHEMA_VERSION, TOUCH_EVERY, Admission, Admitted, Execution, Finish, LeaseLost,
+    LedgerBusy, LedgerDamaged, LedgerError, LedgerUnwritable, Renewed, chunks, new_worker_id,
 )
-
-_IN_WAITING = "IN ('pending', 'retrying', 'paused')"
-_IN_ACTIVE = "IN ('pending', 'retrying', 'paused', 'running')"
-_IN_MOVABLE = "IN ('pending', 'retrying', 'paused', 'failed', 'dead')"
-_IN_FINISHED = "IN ('succeeded', 'filtered', 'superseded')"
-assert {*WAITING} == {"pending", "retrying", "paused"} and {*ACTIVE} == {*WAITING, "running"}
-assert {*MOVABLE} == {*WAITING, "failed", "dead"} and {*FINISHED} == {"succeeded", "filtered", "superseded"}
-_json = to_json
+from state.sql import IN_ACTIVE, SqlLedger, Statements
 
 _UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
 
@@ -57,7 +51,7 @@ def _chunks(values: Iterable[Any], size: int = 500):
         yield chunk, ",".join("?" * len(chunk))
 
 
-class SqliteLedger:
+class SqliteLedger(SqlLedger):
     """The SQLite ledger file, held exclusively by this process while open."""
 
     def __init__(self, path: Path | str, *, hold: bool = True, busy_timeout: float = 5.0,
@@ -220,12 +214,6 @@ class SqliteLedger:
 
         return Database(self.conn)
 
-    def __enter__(self) -> "SqliteLedger":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     @contextmanager
     def write(self, source: str | None = None) -> Iterator[sqlite3.Connection]:
         """One BEGIN IMMEDIATE transaction: all of it or none of it; for a held ``source``, fenced by its lease first."""
@@ -248,6 +236,22 @@ class SqliteLedger:
                     self.conn.execute("ROLLBACK")
                 raise
 
+    def _atomic(self, source: str | None = None) -> AbstractContextManager[Statements]:
+        return self.write(source)
+
+    @contextmanager
+    def _reading(self) -> Iterator[Statements]:
+        """Reads on the shared connection, one statement at a time (a read beside a running agent can find the file busy)."""
+        with self._guard:
+            try:
+                yield self.conn
+            except sqlite3.Error as error:
+                raise self._classify(error) from None
+
+    @staticmethod
+    def _in(column: str, values: Sequence[Any]) -> tuple[str, list]:
+        return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
     def _still_held(self, source: str | None) -> None:
         """A source lease past its local deadline, or found lost by a heartbeat, is lost without asking the database."""
         if source in self._lost:
@@ -269,31 +273,6 @@ class SqliteLedger:
         self._lost.add(source)
         self.fenced += 1
         raise LeaseLost(f"source {source!r}: {why}; this agent writes nothing more for it")
-
-    def _text(self, text: str | None) -> str | None:
-        """A text as the ledger keeps it: masked."""
-        return None if text is None else self.mask(text)
-
-    def _dump(self, value: Any) -> str:
-        """A JSON value as the ledger keeps it: masked string by string, so it stays valid JSON."""
-        text = _json(value)
-        return text if self.mask(text) == text else _json(masked(value, self.mask))
-
-    def _rows(self, sql: str, params: Iterable = ()) -> list[dict]:
-        names, rows = self._read(sql, params)
-        return [dict(zip(names, row)) for row in rows]
-
-    def _tuples(self, sql: str, params: Iterable = ()) -> list[tuple]:
-        return self._read(sql, params)[1]
-
-    def _read(self, sql: str, params: Iterable) -> tuple[list[str], list[tuple]]:
-        """One read; a driver error is a LedgerError (a read beside a running agent can find the file busy)."""
-        with self._guard:
-            try:
-                cursor = self.conn.execute(sql, tuple(params))
-                return [c[0] for c in cursor.description or ()], cursor.fetchall()
-            except sqlite3.Error as error:
-                raise self._classify(error) from None
 
     def size(self) -> int | None:
         """Bytes of the ledger file and its write-ahead log."""
@@ -392,18 +371,9 @@ class SqliteLedger:
         return not updated
 
     # -- polls and cursors -----------------------------------------------------------------
-    def cursor(self, source: str) -> dict | None:
-        rows = self._rows("SELECT * FROM cursors WHERE source = ?", (source,))
-        return rows[0] if rows else None
-
     def start_poll(self, source: str, now: float) -> int:
         with self.write(source) as conn:
             return conn.execute("INSERT INTO polls (source, started, pages, fetched, new, primed, quarantined) VALUES (?, ?, 0, 0, 0, 0, 0)", (source, now)).lastrowid
-
-    def new_view(self, source: str) -> None:
-        """The source now reads another view: forget its cursor and its good polls, so `first_run` decides again."""
-        with self.write(source) as conn:
-            conn.execute("UPDATE cursors SET value = NULL, last_success = NULL, prime_started = NULL, identity = NULL WHERE source = ?", (source,))
 
     def known_content(self, source: str, hashes: set[str]) -> set[str]:
         """The record hashes of ``hashes`` the ledger holds for this source (under any key)."""
@@ -412,32 +382,6 @@ class SqliteLedger:
             found.update(r[0] for r in self._tuples(
                 f"SELECT hash FROM records WHERE source = ? AND hash IN ({marks})", (source, *chunk)))
         return found
-
-    def start_priming(self, source: str, now: float) -> float:
-        """When priming of this source began: ``now`` the first time, then kept until a poll succeeds."""
-        with self.write(source) as conn:
-            conn.execute("INSERT OR IGNORE INTO cursors (source) VALUES (?)", (source,))
-            conn.execute("UPDATE cursors SET prime_started = COALESCE(prime_started, ?) WHERE source = ?", (now, source))
-            return conn.execute("SELECT prime_started FROM cursors WHERE source = ?", (source,)).fetchone()[0]
-
-    def end_poll(self, poll: int, source: str, now: float, *, pages: int, fetched: int, new: int, primed: int,
-                 quarantined: int, error: str | None, cursor: str | None, identity: str | None = None) -> None:
-        """Record a poll's outcome; the cursor (and the source's identity) move only when the poll succeeded."""
-        error = self._text(error)
-        with self.write(source) as conn:
-            conn.execute(
-                "UPDATE polls SET finished = ?, pages = ?, fetched = ?, new = ?, primed = ?, quarantined = ?, error = ? WHERE id = ?",
-                (now, pages, fetched, new, primed, quarantined, error, poll),
-            )
-            conn.execute("INSERT OR IGNORE INTO cursors (source) VALUES (?)", (source,))
-            if error is None:
-                conn.execute(
-                    "UPDATE cursors SET value = COALESCE(?, value), last_poll = ?, last_success = ?, last_error = NULL,"
-                    " identity = COALESCE(?, identity) WHERE source = ?",
-                    (cursor, now, now, identity, source),
-                )
-            else:
-                conn.execute("UPDATE cursors SET last_poll = ?, last_error = ? WHERE source = ?", (now, error, source))
 
     # -- leases and agents -----------------------------------------------------------------
     def take_source(self, source: str, now: float, lease: float) -> bool:
@@ -450,14 +394,6 @@ class SqliteLedger:
         self._held[source] = (epoch, time.monotonic() + lease)
         self._lost.discard(source)
         return True
-
-    def release(self, now: float) -> None:
-        """Give up the leases held (a clean stop) and mark this agent stopped."""
-        with self.write() as conn:
-            conn.execute("UPDATE source_leases SET owner = NULL, lease_until = NULL WHERE owner = ?", (self.worker,))
-            conn.execute("UPDATE agents SET stopped = ? WHERE id = ?", (now, self.worker))
-        self._lost.update(self._held)
-        self._held.clear()
 
     def heartbeat(self, now: float, lease: float, running: list[Execution]) -> Renewed:
         """Renew this agent's row, its source leases and the leases of its running executions, in one transaction."""
@@ -553,10 +489,10 @@ class SqliteLedger:
         # one walk of the executions_due index in (next_at, id) order that stops at the limit: a running row is
         # in it too (its lease always ends after its next_at), claimable once its lease ran out
         cursor = conn.execute(
-            f"SELECT e.* FROM executions e INDEXED BY executions_due WHERE e.status {_IN_ACTIVE} AND e.next_at <= ?"
+            f"SELECT e.* FROM executions e INDEXED BY executions_due WHERE e.status {IN_ACTIVE} AND e.next_at <= ?"
             " AND (e.status != 'running' OR (e.lease_until < ? AND (e.owner IS NULL OR e.owner != ?)))"
             " AND NOT EXISTS (SELECT 1 FROM executions o INDEXED BY executions_unfinished WHERE o.flow = e.flow"
-            f" AND o.entity = e.entity AND o.id != e.id AND o.single = 0 AND e.single = 0 AND o.status {_IN_ACTIVE}"
+            f" AND o.entity = e.entity AND o.id != e.id AND o.single = 0 AND e.single = 0 AND o.status {IN_ACTIVE}"
             f" AND (o.status = 'running' OR {earlier}))"
             " ORDER BY e.next_at, e.id LIMIT ?",
             (now, now, self.worker, limit),
@@ -629,11 +565,6 @@ class SqliteLedger:
     def _wake(conn: sqlite3.Connection, now: float) -> int:
         return conn.execute("UPDATE executions SET next_at = ?, updated = ? WHERE status = 'paused'", (now, now)).rowcount
 
-    def next_due(self, after: float | None = None) -> float | None:
-        """The earliest time a waiting execution becomes due (later than ``after`` when given), or None."""
-        since = "" if after is None else " AND next_at > ?"
-        return self._tuples(f"SELECT MIN(next_at) FROM executions WHERE status {_IN_WAITING}{since}", () if after is None else (after,))[0][0]
-
     # -- config versions -----------------------------------------------------------------
     def use_config(self, hash: str, text: str, sections: dict, flows: dict, now: float) -> int:
         """Record the config the agent runs with (once per distinct content) and pin unpinned work to it; its number.
@@ -650,233 +581,3 @@ class SqliteLedger:
                     (hash, self._text(text), self._dump(sections), self._dump(flows), now, now)).lastrowid
             conn.execute("UPDATE executions SET version = ? WHERE version IS NULL", (number,))
         return number
-
-    def config_versions(self) -> list[dict]:
-        """Every recorded config version, oldest first (number, hash, first_used, last_used, sections)."""
-        rows = self._rows("SELECT number, hash, first_used, last_used, sections FROM config_versions ORDER BY number")
-        for row in rows:
-            row["sections"] = json.loads(row["sections"])
-        return rows
-
-    def config_version(self, number: int) -> dict | None:
-        """One version with its (masked) text and pinned flow definitions."""
-        rows = self._rows("SELECT * FROM config_versions WHERE number = ?", (number,))
-        for row in rows:
-            row["sections"], row["flows"] = json.loads(row["sections"]), json.loads(row["flows"])
-        return rows[0] if rows else None
-
-    def waiting_work(self, ids: list[int] | None = None, flow: str | None = None) -> list[dict]:
-        """Executions that can move to another flow version: waiting, failed or dead (not running, not finished)."""
-        sql = f"SELECT id, flow, step, attempts, status, version, single, context FROM executions WHERE status {_IN_MOVABLE}"
-        params: list = []
-        if ids:
-            sql += f" AND id IN ({','.join('?' * len(ids))})"
-            params += ids
-        if flow:
-            sql += " AND flow = ?"
-            params.append(flow)
-        return self._rows(sql + " ORDER BY id", params)
-
-    def move_to_version(self, moves: list[tuple[int, int, int, dict]], now: float) -> int:
-        """(execution, version, step, context): re-pin waiting work; only rows still waiting move."""
-        with self.write() as conn:
-            return sum(conn.execute(
-                "UPDATE executions SET version = ?, step = ?, context = ?, updated = ? WHERE id = ?"
-                " AND status IN ('pending', 'retrying', 'paused', 'failed', 'dead')",
-                (version, step, _json(context), now, ex_id)).rowcount for ex_id, version, step, context in moves)
-
-    # -- operator views and actions -----------------------------------------------------------------
-    def executions(self, *, status: str | None = None, flow: str | None = None, limit: int = 1000, ids: list[int] | None = None) -> list[dict]:
-        where, params = [], []
-        if status:
-            where.append("status = ?")
-            params.append(status)
-        if flow:
-            where.append("flow = ?")
-            params.append(flow)
-        if ids:
-            where.append(f"id IN ({','.join('?' * len(ids))})")
-            params.extend(ids)
-        sql = "SELECT id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version, context FROM executions"
-        sql += (" WHERE " + " AND ".join(where)) if where else ""
-        return self._rows(sql + " ORDER BY id LIMIT ?", (*params, limit))
-
-    def attempts_of(self, execution: int) -> list[dict]:
-        return self._rows("SELECT step, n, started, finished, outcome, status_code, error FROM attempts WHERE execution = ? ORDER BY id", (execution,))
-
-    def quarantined(self, source: str | None = None) -> list[dict]:
-        sql = "SELECT source, hash, reason, page, excerpt, first_seen, last_seen, count FROM quarantine"
-        return self._rows(sql + (" WHERE source = ?" if source else "") + " ORDER BY first_seen", (source,) if source else ())
-
-    def fail_by_hand(self, ids: list[int], now: float, why: str) -> list[int]:
-        """Fail waiting executions (pending, retrying, paused) on an operator's word; `retry` can bring them back."""
-        with self.write() as conn:
-            marks = ",".join("?" * len(ids))
-            found = [r[0] for r in conn.execute(f"SELECT id FROM executions WHERE status {_IN_WAITING} AND id IN ({marks})", tuple(ids))]
-            conn.executemany("UPDATE executions SET status = 'failed', next_at = NULL, last_error = ?, updated = ? WHERE id = ?",
-                             [(self._text(why), now, i) for i in found])
-        return found
-
-    def requeue(self, ids: list[int] | None, now: float, *, dead: bool = False) -> list[int]:
-        """Make failed, dead or paused executions due again with the same idempotency key."""
-        with self.write() as conn:
-            if dead:
-                rows = conn.execute("SELECT id FROM executions WHERE status = 'dead'").fetchall()
-            else:
-                marks = ",".join("?" * len(ids or []))
-                rows = conn.execute(f"SELECT id FROM executions WHERE status IN ('failed', 'dead', 'paused') AND id IN ({marks})", tuple(ids or [])).fetchall()
-            found = [r[0] for r in rows]
-            conn.executemany(
-                "UPDATE executions SET status = 'retrying', attempts = 0, first_attempt = NULL, next_at = ?, updated = ? WHERE id = ?",
-                [(now, now, i) for i in found],
-            )
-        return found
-
-    def replayable(self, flow: str, since: float | None = None, entity: str | None = None) -> list[int]:
-        """Succeeded executions of a flow (optionally created since a time, of one entity)."""
-        sql, params = "SELECT id FROM executions WHERE flow = ? AND status = 'succeeded' AND single = 0", [flow]
-        if since is not None:
-            sql, params = sql + " AND created >= ?", params + [since]
-        if entity is not None:
-            sql, params = sql + " AND entity = ?", params + [entity]
-        return [r[0] for r in self._tuples(sql + " ORDER BY id", params)]
-
-    def replay(self, ids: list[int], now: float, version: int | None = None) -> int:
-        """Schedule finished executions again from their first step, each under a new replay number (a new key),
-        on config ``version`` (the current one: a replay is sent now, by today's flow)."""
-        with self.write() as conn:
-            rows = self._rows(f"SELECT * FROM executions WHERE id IN ({','.join('?' * len(ids))})", ids) if ids else []
-            for row in rows:
-                old = json.loads(row["context"])
-                generation = conn.execute("SELECT COALESCE(MAX(replay), 0) + 1 FROM executions WHERE flow = ? AND source = ? AND key = ?",
-                                          (row["flow"], row["source"], row["key"])).fetchone()[0]
-                conn.execute(
-                    "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, version_at, version)"
-                    " VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?, ?, ?)",
-                    (row["flow"], row["source"], row["key"], row["entity"], now,
-                     self._dump(_start_of(old)), now, now, generation, row["version_at"], version),
-                )
-        return len(rows)
-
-    def pause_reasons(self) -> dict[str, str]:
-        """flow -> the latest error of its paused executions (why a connector waits)."""
-        rows = self._tuples("SELECT flow, last_error FROM executions WHERE status = 'paused' ORDER BY updated")
-        return {flow: error for flow, error in rows}
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """flow -> status -> number of executions."""
-        out: dict[str, dict[str, int]] = {}
-        for flow, status, n in self._tuples("SELECT flow, status, COUNT(*) FROM executions GROUP BY flow, status"):
-            out.setdefault(flow, {})[status] = n
-        return out
-
-    def sources(self) -> dict[str, dict]:
-        """source -> cursor row plus records seen and quarantined counts and the last poll."""
-        out: dict[str, dict] = {}
-        for row in self._rows("SELECT * FROM cursors"):
-            out[row["source"]] = dict(row)
-        for source, n in self._tuples("SELECT source, COUNT(*) FROM records GROUP BY source"):
-            out.setdefault(source, {"source": source})["seen"] = n
-        for source, n in self._tuples("SELECT source, COUNT(*) FROM quarantine GROUP BY source"):
-            out.setdefault(source, {"source": source})["quarantined"] = n
-        for row in self._rows("SELECT p.* FROM polls p JOIN (SELECT source, MAX(id) AS id FROM polls WHERE finished IS NOT NULL GROUP BY source) l ON p.id = l.id"):
-            out.setdefault(row["source"], {"source": row["source"]})["last"] = row
-        return out
-
-    def prune(self, before: float, windows: dict[str, float], now: float) -> dict[str, int]:
-        """Delete finished executions (and their attempts) older than ``before``; seen keys no poll has shown for their source's window.
-
-        A key's last_seen may lag by up to TOUCH_EVERY, so a key goes only when it
-        is older than the window by that much: never while the view can show it."""
-        with self.write() as conn:
-            old = f"status {_IN_FINISHED} AND updated < ?"
-            attempts = conn.execute(f"DELETE FROM attempts WHERE execution IN (SELECT id FROM executions WHERE {old})", (before,)).rowcount
-            executions = conn.execute(f"DELETE FROM executions WHERE {old}", (before,)).rowcount
-            polls = conn.execute("DELETE FROM polls WHERE finished < ?", (before,)).rowcount
-            records = 0
-            for source, window in windows.items():
-                records += conn.execute(
-                    "DELETE FROM records WHERE source = ? AND COALESCE(last_seen, first_seen) < ?"
-                    " AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.source = records.source AND e.key = records.key)",
-                    (source, now - window - TOUCH_EVERY),
-                ).rowcount
-        return {"executions": executions, "attempts": attempts, "polls": polls, "records": records}
-
-    # -- connectors the agent cannot reach (written by the agent, read by `status`) -----------------------
-    def set_unreachable(self, connector: str, since: float | None, why: str | None = None) -> None:
-        """Record since when a connector cannot be reached and why; ``since=None``: it is reachable again."""
-        name = f"unreachable:{connector}"
-        with self.write() as conn:
-            if since is None:
-                conn.execute("DELETE FROM meta WHERE name = ?", (name,))
-            else:
-                conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, _json({"since": since, "why": self._text(why)})))
-
-    def unreachable(self) -> dict[str, tuple[float, str]]:
-        """connector -> (unreachable since, why), as the agent last recorded it."""
-        rows = self._tuples("SELECT name, value FROM meta WHERE substr(name, 1, 12) = 'unreachable:'")
-        return {name[12:]: (value["since"], value["why"] or "") for name, value in ((n, json.loads(v)) for n, v in rows)}
-
-    def count_paused(self, reason: str) -> int:
-        """How many paused executions wait for this reason: their last error begins with it."""
-        sql = "SELECT COUNT(*) FROM executions WHERE status = 'paused' AND substr(last_error, 1, length(?)) = ?"
-        return self._tuples(sql, (reason, reason))[0][0]
-
-    # -- an operator's questions: listings, one record's story, bulk re-queues ---------------------------------------
-    def execution_list(self, *, status: str | None = None, flow: str | None = None, key: str | None = None,
-                       entity: str | None = None, since: float | None = None, limit: int = 200) -> list[dict]:
-        """Executions newest first; each filter narrows (``since``: created at or after)."""
-        where, params = _matching(status=status, flow=flow, key=key, entity=entity, created=since)
-        sql = "SELECT id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version FROM executions"
-        return self._rows(f"{sql} WHERE {where} ORDER BY id DESC LIMIT ?", (*params, limit))
-
-    def requeue_matching(self, statuses: tuple[str, ...], now: float, *, flow: str | None = None, since: float | None = None) -> list[int]:
-        """``requeue`` for every execution in ``statuses`` (of a flow; failed or dead since a time: ``updated``), in one transaction."""
-        where, params = _matching(flow=flow, updated=since)
-        where += f" AND status IN ({','.join('?' * len(statuses))})"
-        params += list(statuses)
-        with self.write() as conn:
-            found = [r[0] for r in conn.execute(f"SELECT id FROM executions WHERE {where} ORDER BY id", params)]
-            conn.execute("UPDATE executions SET status = 'retrying', attempts = 0, first_attempt = NULL, next_at = ?, updated = ?"
-                         f" WHERE {where}", (now, now, *params))
-        return found
-
-    def record(self, source: str, key: str) -> dict | None:
-        """A seen record: its id, version and when polls first and last showed it (last_seen lags by up to TOUCH_EVERY)."""
-        rows = self._rows("SELECT source, key, id, version, hash, first_seen, last_seen FROM records WHERE source = ? AND key = ?", (source, key))
-        return rows[0] if rows else None
-
-    def keys_of_id(self, id: str, limit: int = 20) -> list[tuple[str, str]]:
-        """(source, key) of the seen records whose id is ``id`` (several under `dedupe = "id+updated"`), oldest first."""
-        return [tuple(r) for r in self._tuples("SELECT source, key FROM records WHERE id = ? ORDER BY first_seen LIMIT ?", (id, limit))]
-
-    def executions_of(self, source: str, key: str) -> list[dict]:
-        """Every execution of one record, oldest first, with its attempts."""
-        rows = self._rows("SELECT id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version, replay, single"
-                          " FROM executions WHERE source = ? AND key = ? ORDER BY id", (source, key))
-        for row in rows:
-            row["attempts_made"] = self.attempts_of(row["id"])
-        return rows
-
-    def poll_at(self, source: str, when: float) -> dict | None:
-        """The poll of a source that was running at ``when`` (the last one started by then), if it is still kept."""
-        rows = self._rows("SELECT * FROM polls WHERE source = ? AND started <= ? ORDER BY id DESC LIMIT 1", (source, when))
-        return rows[0] if rows else None
-
-
-def _matching(**filters: Any) -> tuple[str, list]:
-    """A WHERE clause (and its parameters) for the filters given: ``created``/``updated`` are lower bounds, the rest equalities."""
-    where, params = ["1 = 1"], []
-    for column, value in filters.items():
-        if value is not None:
-            where.append(f"{column} >= ?" if column in ("created", "updated") else f"{column} = ?")
-            params.append(value)
-    return " AND ".join(where), params
-
-
-def _start_of(context: dict) -> dict:
-    """What a replay starts from: the record and cursor, and for a chained flow the upstream's outputs it was started with."""
-    start = {"record": context.get("record"), "cursor": context.get("cursor")}
-    if "upstream" in context:
-        start["upstream"] = context["upstream"]
-    return start

@@ -312,3 +312,10 @@ def test_a_source_a_heartbeat_found_lost_stays_refused_until_taken_again(ledgers
     new.release(NOW + LEASE + 4)
     assert old.take_source("s", NOW + LEASE + 5, LEASE)  # taken again: its writes go through, fenced by the new epoch
     assert old.admit("s", [item("1")], [("f", False)], NOW + LEASE + 5).new == 1
+
+
+def test_shared_sql_is_turned_into_psycopg_placeholders_with_literal_percents_kept():
+    from state.postgres import _pyformat
+
+    assert _pyformat("SELECT 1 FROM t WHERE a LIKE '5%' AND b = ? AND c IN (?, ?)") == \
+        "SELECT 1 FROM t WHERE a LIKE '5%%' AND b = %s AND c IN (%s, %s)"
