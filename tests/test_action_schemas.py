@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fileconfig import write_file_flow
+
 import pytest
 
 from sinkserver import SinkServer
@@ -21,36 +23,19 @@ def sink():
 def write(folder: Path, sink_url: str, records: list[dict], *, object_schema: str = 'schema = "schemas/lead.json"', action: str = "") -> Path:
     (folder / "schemas").mkdir(exist_ok=True)
     (folder / "schemas/lead.json").write_text(json.dumps(LEAD_SCHEMA))
-    (folder / "leads.json").write_text(json.dumps({"records": records}))
-    cfg = folder / "agent.toml"
-    cfg.write_text(f"""
-[agent]
-ledger = "var/agent.db"
-log_level = "WARNING"
-
-[sources.leads]
-kind = "file"
-path = "leads.json"
-id = "sid"
-first_run = "deliver"
-
+    connectors = f"""
 [connectors.crm]
 kind = "http"
 base_url = "{sink_url}"
 [connectors.crm.objects.leads]
 path = "/leads"
 {object_schema}
-{action}
-
-[[flows]]
-name = "sync"
-source = "leads"
-  [[flows.steps]]
+{action}"""
+    steps = """  [[flows.steps]]
   kind = "action"
   action = "crm > leads > create"
-  body = {{ email = "{{{{ record.email }}}}", age = "{{{{ record.age }}}}" }}
-""")
-    return cfg
+  body = { email = "{{ record.email }}", age = "{{ record.age }}" }"""
+    return write_file_flow(folder, records, connectors, steps)
 
 
 def test_a_schema_violation_fails_the_step_before_any_request(tmp_path, sink, cli):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from fileconfig import write_file_flow
 from urllib.parse import urlsplit
 
 import pytest
@@ -17,27 +19,8 @@ def sink():
 
 
 def write(folder: Path, records: list[dict], connectors: str, steps: str) -> Path:
-    (folder / "leads.json").write_text(json.dumps({"records": records}))
     (folder / "record.json").write_text(json.dumps(records[0]))
-    cfg = folder / "agent.toml"
-    cfg.write_text(f"""
-[agent]
-ledger = "var/agent.db"
-log_level = "WARNING"
-
-[sources.leads]
-kind = "file"
-path = "leads.json"
-id = "sid"
-first_run = "deliver"
-{connectors}
-
-[[flows]]
-name = "sync"
-source = "leads"
-{steps}
-""")
-    return cfg
+    return write_file_flow(folder, records, connectors, steps)
 
 
 def http(url: str, actions: str) -> str:

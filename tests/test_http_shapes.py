@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fileconfig import write_file_flow
+
 import pytest
 import requests
 
@@ -169,19 +171,7 @@ def test_a_slack_style_200_with_ok_false_fails_by_succeed_when(sink, session):
 
 
 def write_agent(folder: Path, base_url: str, records: list[dict], steps: str, actions: str = "") -> Path:
-    (folder / "leads.json").write_text(json.dumps({"records": records}))
-    cfg = folder / "agent.toml"
-    cfg.write_text(f"""
-[agent]
-ledger = "var/agent.db"
-log_level = "WARNING"
-
-[sources.leads]
-kind = "file"
-path = "leads.json"
-id = "sid"
-first_run = "deliver"
-
+    connectors = f"""
 [connectors.crm]
 kind = "http"
 base_url = "{base_url}"
@@ -189,14 +179,8 @@ base_url = "{base_url}"
 path = "/leads"
 [connectors.crm.objects.jobs]
 path = "/jobs"
-{actions}
-
-[[flows]]
-name = "sync"
-source = "leads"
-{steps}
-""")
-    return cfg
+{actions}"""
+    return write_file_flow(folder, records, connectors, steps)
 
 
 def test_retry_when_retries_what_the_on_list_does_not_name(tmp_path, sink, cli):
