@@ -68,6 +68,12 @@ class Metrics:
         with self._lock:
             self._claimed.update((ex.id, now) for ex in executions)
 
+    def unclaimed(self, executions: Iterable[Execution]) -> None:
+        """Claimed, then given back unstarted (a stop, a poll due): no delivery time to observe."""
+        with self._lock:
+            for ex in executions:
+                self._claimed.pop(ex.id, None)
+
     def finished(self, ex: Execution, finish: Finish) -> None:
         """Count an execution's attempt and observe its delivery time."""
         if finish.attempt:

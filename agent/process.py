@@ -134,6 +134,9 @@ class _Uncounted:
     def claimed(self, executions: list[Execution]) -> None:
         pass
 
+    def unclaimed(self, executions: list[Execution]) -> None:
+        pass
+
     def finished(self, execution: Execution, finish: Finish) -> None:
         pass
 
@@ -335,6 +338,7 @@ class Agent:
             hold = self.stopping.is_set() or (not first and self._poll_waits())
             if hold and ready:
                 batch.extend((ex, Finish("pending", ex.step, ex.context, next_at=self.clock())) for ex in ready)
+                self.metrics.unclaimed(ready)
                 ready.clear()
             if first or hold or not ready or len(batch) >= target:
                 free = 0 if hold else max(0, target - len(in_flight) - len(ready))

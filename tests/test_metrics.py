@@ -106,3 +106,13 @@ def test_metrics_of_a_running_agent_equal_what_the_sink_received(tmp_path, env):
     assert value(parsed, "sync_agent_ledger_bytes") > 0
     for secret in (PASSWORD, TOKEN, "crm-token-123", view.url, sink.url):
         assert secret not in scrape.text  # labels carry names, never URLs or credentials
+
+
+def test_work_given_back_unstarted_leaves_no_delivery_time_behind():
+    from agent.metrics import Metrics
+
+    metrics = Metrics({})
+    given_back = Execution(7, "f", "s", "k", "k", 0, 1, None, {})
+    metrics.claimed([given_back])
+    metrics.unclaimed([given_back])
+    assert metrics._claimed == {}

@@ -410,3 +410,25 @@ def wait_until(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_at_concurrency_1_one_commit_records_several_sends(make, monkeypatch):
+    """Up to CLAIM_AHEAD executions are claimed at once (each intent committed before its send) and their outcomes
+    recorded together: 16 sends cost a few commits, not one each."""
+    from agent.process import CLAIM_AHEAD
+
+    agent = make([{"id": i, "entity": str(i)} for i in range(16)], concurrency=1)
+    commits, real = [], agent.ledger.finish_and_claim
+
+    def counted(done, now, limit, lease, **kwargs):
+        claimed = real(done, now, limit, lease, **kwargs)
+        if done or claimed:
+            commits.append((len(done), len(claimed)))
+        return claimed
+
+    monkeypatch.setattr(agent.ledger, "finish_and_claim", counted)
+    agent.tick(agent.clock())
+    assert agent.ledger.counts()["to-leads"]["succeeded"] == 16
+    assert commits[0] == (0, CLAIM_AHEAD)  # the intent of the first eight, before any is sent
+    assert len(commits) <= 16 // (CLAIM_AHEAD - 1) + 2, commits
+    assert sum(done for done, _ in commits) == 16
