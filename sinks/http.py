@@ -99,7 +99,6 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 from urllib.parse import quote, urlsplit
 
-import jsonschema
 import requests
 import requests.adapters
 import urllib3
@@ -153,6 +152,8 @@ class Schema:
     """A JSON Schema file that an action's body must match (draft 2020-12, unless the file's ``$schema`` names another)."""
 
     def __init__(self, file: str, document: Any):
+        import jsonschema  # only where a schema is configured: 30 ms of every start otherwise
+
         self.file = file
         self.document = document
         cls = jsonschema.validators.validator_for(document, default=jsonschema.Draft202012Validator)
@@ -160,9 +161,11 @@ class Schema:
 
     def problems(self, value: Any, most: int = 5) -> list[str]:
         """What is wrong with ``value``, each naming the field and the rule; empty when it matches."""
+        from jsonschema.exceptions import _WrappedReferencingError
+
         try:
             errors = sorted(self._validator.iter_errors(value), key=lambda e: [str(part) for part in e.absolute_path])
-        except jsonschema.exceptions._WrappedReferencingError as error:  # a $ref the file cannot resolve
+        except _WrappedReferencingError as error:  # a $ref the file cannot resolve
             return [f"the schema {self.file} cannot be applied ({error})"]
         return [f"{_field(error)}: {_cut(error.message)} (schema {self.file}, rule {error.validator})" for error in errors[:most]]
 
@@ -190,6 +193,8 @@ def load_schema(value: Any, info: ValidationInfo) -> Schema:
         raise ValueError(f"schema file {str(path)!r}: cannot be read ({getattr(error, 'strerror', None) or error})") from None
     except (ValueError, RecursionError) as error:
         raise ValueError(f"schema file {str(path)!r}: not JSON ({error})") from None
+    import jsonschema
+
     cls = jsonschema.validators.validator_for(document, default=jsonschema.Draft202012Validator) if isinstance(document, dict) else jsonschema.Draft202012Validator
     try:
         cls.check_schema(document)

@@ -190,6 +190,13 @@ class SqliteLedger(SqlLedger):
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute("COMMIT")  # fail early and clearly if the file cannot be written
+            row = self.conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+            written = int(row[0]) if row and str(row[0]).isdigit() else 0
+            if written > SCHEMA_VERSION:
+                raise LedgerUnwritable(f"{self.path}: this ledger was written by a newer agent (schema version {written}; this agent "
+                                       f"knows {SCHEMA_VERSION}); run the newer agent")
+            if written == SCHEMA_VERSION:
+                return  # current: sqlite-utils and the migrations are not even imported (a quicker start)
             from state.sqlite_schema import migrations
 
             migrations.apply(self.db)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from state.base import LedgerBusy, LedgerDamaged
+from state.base import LedgerBusy, LedgerDamaged, LedgerUnwritable
 from state.base import TOUCH_EVERY, Admission, Finish
 from state.sqlite import SqliteLedger as Ledger
 
@@ -368,3 +368,24 @@ def test_a_ledger_of_schema_4_migrates_to_fenced_leases_without_loss(tmp_path):
         assert all(ex.epoch == 1 for ex in claimed)
         led.finish(claimed[0], Finish("succeeded", 1, claimed[0].context), NOW + 11)
         assert led.counts()["f"]["succeeded"] == 2
+
+
+def test_a_ledger_written_by_a_newer_agent_is_refused_and_left_as_it_is(tmp_path):
+    path = tmp_path / "agent.db"
+    Ledger(path).close()
+    import sqlite3
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE name = 'schema_version'")
+    with pytest.raises(LedgerUnwritable, match="written by a newer agent"):
+        Ledger(path)
+    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone() == ("99",)
+
+
+def test_opening_a_current_ledger_does_not_import_the_migrations(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "agent.db"
+    Ledger(path).close()
+    script = f"import sys; from state.sqlite import SqliteLedger; SqliteLedger({str(path)!r}).close(); print('sqlite_utils' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parent.parent, check=True)
+    assert done.stdout.strip() == "False"
