@@ -40,7 +40,7 @@ from state.base import (
     SCHEMA_VERSION, TOUCH_EVERY, Admission, Admitted, Execution, Finish, LeaseLost,
     LedgerBusy, LedgerError, LedgerUnwritable, Renewed, new_worker_id,
 )
-from state.sql import IN_ACTIVE, SqlLedger, Statements
+from state.sql import IN_ACTIVE, SqlLedger, Statements, standing
 
 _UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
 _MIGRATION_LOCK = 0x73796E63_6C656467  # pg_advisory_xact_lock key: two agents starting together migrate one at a time
@@ -510,24 +510,10 @@ class PostgresLedger(SqlLedger):
                                            for r in taken_over])
         return sorted(rows, key=lambda r: (r["next_at"], r["id"]))
 
-    def finish(self, execution: Execution, result: Finish, now: float) -> None:
-        """Record the attempt, save the step output and move the execution on, in one transaction."""
-        self.finish_and_claim([(execution, result)], now, 0, 0)
-
-    def finish_many(self, done: list[tuple[Execution, Finish]], now: float) -> None:
-        """``finish`` for several executions in one transaction."""
-        self.finish_and_claim(done, now, 0, 0)
-
     def _finish_one(self, cur: psycopg.Cursor, ex: Execution, result: Finish, now: float) -> None:
         """The outcome of one claim, written only while the claim's epoch is still the execution's (else fenced out)."""
         a = result.attempt
-        # `attempts` and `first_attempt` describe the step the execution now stands at
-        if a and a["step"] == result.step:
-            attempts, first = a.get("n", ex.attempts) - (result.status == "paused"), a.get("first", ex.first_attempt)
-        elif result.step == ex.step:
-            attempts, first = ex.attempts - (result.status == "paused"), ex.first_attempt
-        else:
-            attempts, first = 0, None
+        attempts, first = standing(ex, result)
         if not cur.execute(_FINISH, (result.status, result.step, self._dump(result.context), result.next_at, self._text(result.error),
                                      attempts, first, now, ex.id, ex.epoch)).rowcount:
             self._fenced(1)

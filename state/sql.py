@@ -17,10 +17,11 @@ PostgreSQL's ``Statements`` rewrite ``?`` to ``%s`` (and a literal ``%`` to ``%%
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from state.base import ACTIVE, FINISHED, MOVABLE, TOUCH_EVERY, WAITING, masked, to_json
+from state.base import ACTIVE, FINISHED, MOVABLE, TOUCH_EVERY, WAITING, Execution, Finish, masked, to_json
 
 
 def _sql_list(values: Iterable[str]) -> str:
@@ -57,7 +58,7 @@ def dicts(cursor: Cursor) -> list[dict]:
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
-class SqlLedger:
+class SqlLedger(ABC):
     """The ledger operations both databases run with the same SQL; a sibling supplies the transactions."""
 
     mask: Callable[[str], str]
@@ -66,14 +67,34 @@ class SqlLedger:
     _lost: set[str]
 
     # -- what a sibling supplies -----------------------------------------------------------------
+    @abstractmethod
     def _atomic(self, source: str | None = None) -> AbstractContextManager[Statements]:
-        raise NotImplementedError
+        """One write transaction (fenced by the lease of a held ``source``)."""
 
+    @abstractmethod
     def _reading(self) -> AbstractContextManager[Statements]:
-        raise NotImplementedError
+        """Statements for reading."""
 
+    @abstractmethod
     def _in(self, column: str, values: Sequence[Any]) -> tuple[str, list]:
-        raise NotImplementedError
+        """``column IN (…)`` for ``values`` in the database's own form, and its parameters."""
+
+    @abstractmethod
+    def finish_and_claim(self, done: list[tuple[Execution, Finish]], now: float, limit: int, lease: float,
+                         *, wake: bool = False) -> list[Execution]:
+        """Record finished runs, make paused work due (``wake``), claim up to ``limit``: one transaction."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Give the database back."""
+
+    def finish(self, execution: Execution, result: Finish, now: float) -> None:
+        """Record the attempt, save the step output and move the execution on, in one transaction."""
+        self.finish_and_claim([(execution, result)], now, 0, 0)
+
+    def finish_many(self, done: list[tuple[Execution, Finish]], now: float) -> None:
+        """``finish`` for several executions in one transaction (one commit for a batch)."""
+        self.finish_and_claim(done, now, 0, 0)
 
     def _update_ids(self, tx: Statements, assignments: str, values: Sequence[Any], where: str, params: Sequence[Any]) -> list[int]:
         """``UPDATE executions SET {assignments} WHERE {where}`` (``values`` then ``params`` fill it); the ids it changed, ascending.
@@ -88,9 +109,6 @@ class SqlLedger:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-    def close(self) -> None:
-        raise NotImplementedError
 
     def _rows(self, sql: str, params: Iterable = ()) -> list[dict]:
         with self._reading() as tx:
@@ -365,3 +383,15 @@ def start_of(context: dict) -> dict:
     if "upstream" in context:
         start["upstream"] = context["upstream"]
     return start
+
+
+def standing(ex: Execution, result: Finish) -> tuple[int, float | None]:
+    """``attempts`` and ``first_attempt`` of the step a finished run leaves the execution at.
+
+    A pause, or an action not started (its lease was short, or it was claimed ahead and given back), spent no attempt."""
+    a = result.attempt
+    if a and a["step"] == result.step:
+        return a.get("n", ex.attempts) - (result.status == "paused"), a.get("first", ex.first_attempt)
+    if result.step == ex.step:
+        return ex.attempts - (result.status in ("paused", "pending")), ex.first_attempt
+    return 0, None

@@ -29,7 +29,7 @@ from state.base import (
     SCHEMA_VERSION, TOUCH_EVERY, Admission, Admitted, Execution, Finish, LeaseLost,
     LedgerBusy, LedgerDamaged, LedgerError, LedgerUnwritable, Renewed, chunks, new_worker_id,
 )
-from state.sql import IN_ACTIVE, SqlLedger, Statements
+from state.sql import IN_ACTIVE, SqlLedger, Statements, standing
 
 _UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
 
@@ -507,24 +507,10 @@ class SqliteLedger(SqlLedger):
         names = [c[0] for c in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
-    def finish(self, execution: Execution, result: Finish, now: float) -> None:
-        """Record the attempt, save the step output and move the execution on, in one transaction."""
-        self.finish_and_claim([(execution, result)], now, 0, 0)
-
-    def finish_many(self, done: list[tuple[Execution, Finish]], now: float) -> None:
-        """``finish`` for several executions in one transaction (one fsync for a batch)."""
-        self.finish_and_claim(done, now, 0, 0)
-
     def _finish_one(self, conn: sqlite3.Connection, ex: Execution, result: Finish, now: float) -> None:
         """The outcome of one claim, written only while the claim's epoch is still the execution's (else fenced out)."""
         a = result.attempt
-        # `attempts` and `first_attempt` describe the step the execution now stands at
-        if a and a["step"] == result.step:
-            attempts, first = a.get("n", ex.attempts) - (result.status == "paused"), a.get("first", ex.first_attempt)
-        elif result.step == ex.step:  # no attempt made at this step: a pause, or an action not started (its lease was short)
-            attempts, first = ex.attempts - (result.status in ("paused", "pending")), ex.first_attempt
-        else:
-            attempts, first = 0, None
+        attempts, first = standing(ex, result)
         if not conn.execute(
             "UPDATE executions SET status = ?, step = ?, context = ?, next_at = ?, lease_until = NULL, last_error = ?,"
             " attempts = ?, first_attempt = ?, updated = ? WHERE id = ? AND epoch = ? AND status = 'running'",

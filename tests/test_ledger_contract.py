@@ -692,3 +692,13 @@ def test_a_replayed_upstream_starts_its_chained_flow_under_a_replay_number_not_u
     ledger.finish(a2, chained(a2, "b"), NOW + 3)
     [b3] = ledger.claim(NOW + 3, 10, LEASE)
     assert (a2.replay, b3.flow, b3.replay) == (2, "b", 3)
+
+
+def test_work_given_back_unstarted_spends_no_attempt(ledger_factory):
+    """Claimed ahead, then given back before its send (a stop, a poll due, a lease too short): its attempt count is as before."""
+    led = ledger_factory.open()
+    led.admit("s", [Admission(key="k", id="k", version="", hash="h", entity="k", context={"record": {}})], [("f", False)], NOW)
+    [ex] = led.claim(NOW, 1, 300)
+    led.finish(ex, Finish("pending", ex.step, ex.context, next_at=NOW), NOW)
+    [again] = led.claim(NOW + 1, 1, 300)
+    assert again.attempts == 1 and led.executions(ids=[ex.id])[0]["attempts"] == 1
