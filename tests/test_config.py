@@ -481,3 +481,25 @@ def test_every_example_config_loads(name, monkeypatch):
 def test_daily_times_and_zones_are_checked(fails, lines, path, message):
     error = fails(edit('id = "lastSubmissionID"', 'id = "lastSubmissionID"\n' + lines))
     assert only(error) == (path, message)
+
+
+def test_a_postgresql_url_picks_the_shared_ledger_and_its_password_is_a_secret(write, monkeypatch):
+    monkeypatch.setenv("LEDGER_PASSWORD", "s3cret-Pass-9")
+    config = load(write(edit('ledger = "var/agent.db"', 'ledger = "postgresql://agent:${LEDGER_PASSWORD}@db.internal:5432/sync"')))
+    assert config.ledger_is_url and config.ledger_location == "postgresql://agent:s3cret-Pass-9@db.internal:5432/sync"
+    assert config.ledger_shown == "postgresql://agent:***@db.internal:5432/sync"
+    assert "s3cret-Pass-9" in config.secrets  # masked wherever the agent writes
+    assert not load(write(BASE)).ledger_is_url
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("mysql://agent:pw-Hidden-1@db/sync", "only postgresql:// URLs are ledgers"),
+    ("postgresql://agent:pw-Hidden-1@db:99999/sync", "is not a URL"),
+    ("", "write a file path"),
+])
+def test_a_ledger_that_is_neither_a_path_nor_a_postgresql_url_is_a_config_error(tmp_path, cli, value, problem):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(edit('ledger = "var/agent.db"', f'ledger = "{value}"'))
+    status, out, err = cli("--config", str(cfg), "validate", "--offline")
+    assert status == 2 and f"{cfg}: agent.ledger: " in err and problem in err, err
+    assert "pw-Hidden-1" not in err and not (tmp_path / "var").exists()
