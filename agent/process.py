@@ -374,6 +374,10 @@ class Agent:
                 if ready:  # claimed, never started: back to waiting at once
                     self.ledger.finish_many([(ex, Finish("pending", ex.step, ex.context, next_at=self.clock())) for ex in ready],
                                             self.clock())
+                    self.metrics.unclaimed(ready)
+                    with self._running_lock:
+                        for ex in ready:
+                            self._running.pop(ex.id, None)
                 break
             finished = [(in_flight.pop(f), f.result()) for f in done]
             for ex, finish in finished:
