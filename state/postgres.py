@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg
-from loguru import logger
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -40,7 +39,7 @@ from state.base import (
     SCHEMA_VERSION, TOUCH_EVERY, Admission, Admitted, Execution, Finish, LeaseLost,
     LedgerBusy, LedgerError, LedgerUnwritable, Renewed, new_worker_id,
 )
-from state.sql import IN_ACTIVE, SqlLedger, Statements, standing
+from state.sql import IN_ACTIVE, SqlLedger, Statements
 
 _UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
 _MIGRATION_LOCK = 0x73796E63_6C656467  # pg_advisory_xact_lock key: two agents starting together migrate one at a time
@@ -119,16 +118,6 @@ _SCHEDULE = ("INSERT INTO executions (flow, source, key, entity, step, status, a
              " ORDER BY n")
 _INTERRUPTED = ("INSERT INTO attempts (execution, step, n, started, finished, outcome, error)"
                 " VALUES (%s, %s, %s, %s, %s, 'interrupted', %s)")
-_FINISH = ("UPDATE executions SET status = %s, step = %s, context = %s, next_at = %s, lease_until = NULL, last_error = %s,"
-           " attempts = %s, first_attempt = %s, updated = %s WHERE id = %s AND epoch = %s AND status = 'running'")
-# A flow chained after a finished execution's flow, started for the same record (its version order and config version
-# too); a replayed upstream starts it under a replay number no execution of that flow and record has had (a new key).
-_CHAIN = ("INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay,"
-          " version_at, version)"
-          " SELECT %s::text, source, key, entity, 0, 'pending', 0, %s::float8, %s::text, %s::float8, %s::float8,"
-          " CASE WHEN replay = 0 THEN 0 ELSE GREATEST(replay, (SELECT COALESCE(MAX(c.replay), 0) + 1 FROM executions c"
-          "  WHERE c.flow = %s AND c.source = u.source AND c.key = u.key)) END,"
-          " version_at, version FROM executions u WHERE id = %s")
 _TAKE_SOURCE = (
     "INSERT INTO source_leases AS l (source, owner, epoch, lease_until) VALUES (%(source)s, %(me)s, 1, %(until)s)"
     " ON CONFLICT (source) DO UPDATE SET owner = %(me)s, lease_until = %(until)s,"
@@ -492,7 +481,7 @@ class PostgresLedger(SqlLedger):
         deadline = time.monotonic() + lease
         with self._transaction(rows=True) as cur:
             for execution, result in sorted(done, key=lambda pair: pair[0].id):  # rows locked in id order, as a heartbeat does
-                self._finish_one(cur, execution, result, now)
+                self._finish_one(_Pyformat(cur), execution, result, now)
             if wake:
                 self._wake(cur, now)
             rows = self._claim(cur, now, limit, lease) if limit > 0 else []
@@ -509,33 +498,6 @@ class PostgresLedger(SqlLedger):
             cur.executemany(_INTERRUPTED, [(r["id"], r["step"], r["attempts"] - 1, now, now, "the agent running it lost its lease")
                                            for r in taken_over])
         return sorted(rows, key=lambda r: (r["next_at"], r["id"]))
-
-    def _finish_one(self, cur: psycopg.Cursor, ex: Execution, result: Finish, now: float) -> None:
-        """The outcome of one claim, written only while the claim's epoch is still the execution's (else fenced out)."""
-        a = result.attempt
-        attempts, first = standing(ex, result)
-        if not cur.execute(_FINISH, (result.status, result.step, self._dump(result.context), result.next_at, self._text(result.error),
-                                     attempts, first, now, ex.id, ex.epoch)).rowcount:
-            self._fenced(1)
-            logger.warning("execution {} ({}, record {}): its lease passed to another agent; this outcome ({}) is not recorded",
-                           ex.id, ex.flow, ex.key, result.status)
-            return
-        if a:
-            cur.execute(
-                "INSERT INTO attempts (execution, step, n, started, finished, outcome, status_code, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (ex.id, a["step"], a.get("n", ex.attempts), a["started"], a["finished"], a["outcome"], a.get("status_code"), self._text(a.get("error"))),
-            )
-        if result.status in ("retrying", "paused", "failed", "dead"):
-            self.failpoint("inside_failure")
-        if result.spawn:
-            cur.executemany(
-                "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, single, version)"
-                " VALUES (%s, %s, %s, %s, %s, 'pending', 0, %s, %s, %s, %s, %s, 1, %s)",
-                [(ex.flow, ex.source, ex.key, ex.entity, spawn["step"], now, self._dump(spawn["context"]), now, now, ex.replay, ex.version)
-                 for spawn in result.spawn],
-            )
-        for chained in result.chain:
-            cur.execute(_CHAIN, (chained["flow"], now, self._dump(chained["context"]), now, now, chained["flow"], ex.id))
 
     def wake_paused(self, now: float) -> int:
         """Make paused executions due now (their connector answers again)."""

@@ -21,6 +21,8 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
+from loguru import logger
+
 from state.base import ACTIVE, FINISHED, MOVABLE, TOUCH_EVERY, WAITING, Execution, Finish, masked, to_json
 
 
@@ -50,6 +52,21 @@ class Statements(Protocol):
 
     def execute(self, sql: str, params: Sequence[Any] = ...) -> Cursor: ...
     def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> Any: ...
+
+
+FINISH = ("UPDATE executions SET status = ?, step = ?, context = ?, next_at = ?, lease_until = NULL, last_error = ?,"
+          " attempts = ?, first_attempt = ?, updated = ? WHERE id = ? AND epoch = ? AND status = 'running'")
+SPAWN = ("INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, single,"
+         " version) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, 1, ?)")
+# A flow chained after a finished execution's flow, started for the same record (its version order and config version
+# too); a replayed upstream starts it under a replay number no execution of that flow and record has had (a new key).
+_NEXT_REPLAY = "(SELECT COALESCE(MAX(c.replay), 0) + 1 FROM executions c WHERE c.flow = ? AND c.source = u.source AND c.key = u.key)"
+CHAIN = ("INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay,"
+         " version_at, version)"
+         " SELECT CAST(? AS TEXT), source, key, entity, 0, 'pending', 0, CAST(? AS DOUBLE PRECISION), CAST(? AS TEXT),"
+         " CAST(? AS DOUBLE PRECISION), CAST(? AS DOUBLE PRECISION),"
+         f" CASE WHEN replay = 0 THEN 0 WHEN replay >= {_NEXT_REPLAY} THEN replay ELSE {_NEXT_REPLAY} END,"
+         " version_at, version FROM executions u WHERE id = ?")
 
 
 def dicts(cursor: Cursor) -> list[dict]:
@@ -95,6 +112,31 @@ class SqlLedger(ABC):
     def finish_many(self, done: list[tuple[Execution, Finish]], now: float) -> None:
         """``finish`` for several executions in one transaction (one commit for a batch)."""
         self.finish_and_claim(done, now, 0, 0)
+
+    def _fenced(self, n: int) -> None:
+        self.fenced += n
+
+    def _finish_one(self, tx: Statements, ex: Execution, result: Finish, now: float) -> None:
+        """The outcome of one claim, written only while the claim's epoch is still the execution's (else fenced out):
+        the attempt, the spawned calls (wait_for_response = false) and the flows chained after this one come with it."""
+        attempts, first = standing(ex, result)
+        if not tx.execute(FINISH, (result.status, result.step, self._dump(result.context), result.next_at, self._text(result.error),
+                                   attempts, first, now, ex.id, ex.epoch)).rowcount:
+            self._fenced(1)
+            logger.warning("execution {} ({}, record {}): its lease passed to another agent; this outcome ({}) is not recorded",
+                           ex.id, ex.flow, ex.key, result.status)
+            return
+        if a := result.attempt:
+            tx.execute("INSERT INTO attempts (execution, step, n, started, finished, outcome, status_code, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (ex.id, a["step"], a.get("n", ex.attempts), a["started"], a["finished"], a["outcome"], a.get("status_code"),
+                        self._text(a.get("error"))))
+        if result.status in ("retrying", "paused", "failed", "dead"):
+            self.failpoint("inside_failure")
+        if result.spawn:
+            tx.executemany(SPAWN, [(ex.flow, ex.source, ex.key, ex.entity, spawn["step"], now, self._dump(spawn["context"]), now, now,
+                                    ex.replay, ex.version) for spawn in result.spawn])
+        for chained in result.chain:
+            tx.execute(CHAIN, (chained["flow"], now, self._dump(chained["context"]), now, now, chained["flow"], chained["flow"], ex.id))
 
     def _update_ids(self, tx: Statements, assignments: str, values: Sequence[Any], where: str, params: Sequence[Any]) -> list[int]:
         """``UPDATE executions SET {assignments} WHERE {where}`` (``values`` then ``params`` fill it); the ids it changed, ascending.

@@ -23,13 +23,12 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from loguru import logger
 
 from state.base import (
     SCHEMA_VERSION, TOUCH_EVERY, Admission, Admitted, Execution, Finish, LeaseLost,
     LedgerBusy, LedgerDamaged, LedgerError, LedgerUnwritable, Renewed, chunks, new_worker_id,
 )
-from state.sql import IN_ACTIVE, SqlLedger, Statements, standing
+from state.sql import IN_ACTIVE, SqlLedger, Statements
 
 _UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
 
@@ -278,7 +277,7 @@ class SqliteLedger(SqlLedger):
     def _lose(self, source: str, why: str) -> None:
         self._held.pop(source, None)
         self._lost.add(source)
-        self.fenced += 1
+        self._fenced(1)
         raise LeaseLost(f"source {source!r}: {why}; this agent writes nothing more for it")
 
     def size(self) -> int | None:
@@ -506,48 +505,6 @@ class SqliteLedger(SqlLedger):
         )
         names = [c[0] for c in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
-
-    def _finish_one(self, conn: sqlite3.Connection, ex: Execution, result: Finish, now: float) -> None:
-        """The outcome of one claim, written only while the claim's epoch is still the execution's (else fenced out)."""
-        a = result.attempt
-        attempts, first = standing(ex, result)
-        if not conn.execute(
-            "UPDATE executions SET status = ?, step = ?, context = ?, next_at = ?, lease_until = NULL, last_error = ?,"
-            " attempts = ?, first_attempt = ?, updated = ? WHERE id = ? AND epoch = ? AND status = 'running'",
-            (result.status, result.step, self._dump(result.context), result.next_at, self._text(result.error), attempts, first, now, ex.id, ex.epoch),
-        ).rowcount:
-            self.fenced += 1
-            logger.warning("execution {} ({}, record {}): its lease passed to another agent; this outcome ({}) is not recorded",
-                           ex.id, ex.flow, ex.key, result.status)
-            return
-        if a:
-            conn.execute(
-                "INSERT INTO attempts (execution, step, n, started, finished, outcome, status_code, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (ex.id, a["step"], a.get("n", ex.attempts), a["started"], a["finished"], a["outcome"], a.get("status_code"), self._text(a.get("error"))),
-            )
-        if result.status in ("retrying", "paused", "failed", "dead"):
-            self.failpoint("inside_failure")
-        for spawn in result.spawn:
-            conn.execute(
-                "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, single, version)"
-                " VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, 1, ?)",
-                (ex.flow, ex.source, ex.key, ex.entity, spawn["step"], now, self._dump(spawn["context"]), now, now, ex.replay, ex.version),
-            )
-        for chained in result.chain:
-            self._start_chained(conn, ex, chained, now)
-
-    def _start_chained(self, conn: sqlite3.Connection, ex: Execution, chained: dict, now: float) -> None:
-        """A flow chained after ``ex``'s flow, started for the same record (its version order and config version too).
-
-        A replayed upstream starts it under a replay number no execution of that flow and record has had (a new key)."""
-        conn.execute(
-            "INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated, replay, version_at, version)"
-            " SELECT ?, source, key, entity, 0, 'pending', 0, ?, ?, ?, ?,"
-            " CASE WHEN replay = 0 THEN 0 ELSE MAX(replay, (SELECT COALESCE(MAX(c.replay), 0) + 1 FROM executions c"
-            "  WHERE c.flow = ? AND c.source = u.source AND c.key = u.key)) END,"
-            " version_at, version FROM executions u WHERE id = ?",
-            (chained["flow"], now, self._dump(chained["context"]), now, now, chained["flow"], ex.id),
-        )
 
     def wake_paused(self, now: float) -> int:
         """Make paused executions due now (their connector answers again)."""

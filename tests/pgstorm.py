@@ -96,8 +96,9 @@ ACTIVE = ("pending", "running", "retrying", "paused")
 PLANTS = {
     # an outcome is written by execution id alone, as the queues without a fence do: a frozen agent's stale outcome lands
     "unfenced": """
-        import state.postgres as P
-        P._FINISH = P._FINISH.replace("WHERE id = %s AND epoch = %s AND status = 'running'", "WHERE id = %s AND %s >= 0")
+        import state.sql as S
+        S.FINISH = S.FINISH.replace("WHERE id = ? AND epoch = ? AND status = 'running'", "WHERE id = ? AND ? >= 0")
+        assert "epoch" not in S.FINISH
     """,
     # a step recorded as sent is sometimes scheduled again: the same key goes out again with no fault to explain it
     "resend": """
