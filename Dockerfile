@@ -18,6 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/sync-agent
 COPY pyproject.toml README.md ./
 COPY agent ./agent
+COPY durations ./durations
 COPY sources ./sources
 COPY sinks ./sinks
 COPY state ./state

@@ -48,9 +48,9 @@ import email.header
 import re
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, ConfigDict
 
 
 class SinkError(Exception):
@@ -117,38 +117,8 @@ class Renderer(Protocol):
     def evaluate(self, expression: str, context: dict[str, Any]) -> Any: ...
 
 
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
+from durations import seconds
 
-
-def parse_seconds(value: Any) -> Any:
-    """'30s' / '5m' / a number of seconds -> float seconds (sinks' own copy: leaf packages do not import each other)."""
-    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
-    if (isinstance(value, str) and not match) or isinstance(value, bool):  # TOML's true would pass as 1 second
-        raise ValueError(f"{value!r} is not a duration; write a number and a unit: '30s', '5m', '1h'")
-    return float(match[1]) * _UNITS[match[2]] if match else value
-
-
-def _span(value: float) -> str:
-    """A duration as a config would write it: 0.1 -> '100ms', 3600 -> '1h'."""
-    for unit in ("d", "h", "m", "s"):
-        if value >= _UNITS[unit] and value % _UNITS[unit] == 0:
-            return f"{value / _UNITS[unit]:g}{unit}"
-    return f"{value * 1000:g}ms" if value else "0s"
-
-
-def seconds(low: float, high: float) -> Any:
-    """A duration type bounded to [low, high] seconds; NaN and the infinities are never inside."""
-
-    def within(value: float) -> float:
-        if not low <= value <= high:
-            raise ValueError(f"must be between {_span(low)} and {_span(high)}")
-        return value
-
-    return Annotated[float, BeforeValidator(parse_seconds), AfterValidator(within)]
-
-
-Seconds = seconds(0, 3650 * 86400)  # any duration: never negative, never beyond date arithmetic
 Timeout = seconds(0.1, 3600)  # one exchange with a server: too short fails every call, over an hour is a hang
 
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Iterator, Literal, Protocol
+from typing import Any, Iterator, Literal, Protocol
 
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from durations import DAY, seconds  # the duration types; agent.config reads them here
 
 
 class SourceError(Exception):
@@ -52,38 +54,6 @@ class Page:
 
 class Source(Protocol):
     def pages(self, params: dict[str, str]) -> Iterator[Page]: ...
-
-
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
-DAY = 86400.0
-
-
-def parse_seconds(value: Any) -> Any:
-    """'30s' / '5m' / '1h' / '1d' / a number of seconds -> float seconds."""
-    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
-    if (isinstance(value, str) and not match) or isinstance(value, bool):  # TOML's true would pass as 1 second
-        raise ValueError(f"{value!r} is not a duration; write a number and a unit: '30s', '5m', '1h', '1d'")
-    return float(match[1]) * _UNITS[match[2]] if match else value
-
-
-def _span(value: float) -> str:
-    """A duration as a config would write it: 0.1 -> '100ms', 86400 -> '1d'."""
-    for unit in ("d", "h", "m", "s"):
-        if value >= _UNITS[unit] and value % _UNITS[unit] == 0:
-            return f"{value / _UNITS[unit]:g}{unit}"
-    return f"{value * 1000:g}ms" if value else "0s"
-
-
-def seconds(low: float, high: float) -> Any:
-    """A duration type bounded to [low, high] seconds; NaN and the infinities are never inside."""
-
-    def within(value: float) -> float:
-        if not low <= value <= high:
-            raise ValueError(f"must be between {_span(low)} and {_span(high)}")
-        return value
-
-    return Annotated[float, BeforeValidator(parse_seconds), AfterValidator(within)]
 
 
 # Any duration: never negative, and short enough for date arithmetic (a 1e300 s `overlap` overflows a datetime).

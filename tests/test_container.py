@@ -114,3 +114,11 @@ def test_the_service_restarts_on_failure_and_waits_out_a_stop():
 @pytest.mark.parametrize("value, expected", [("60", 60), ("60s", 60), ("1min 30s", 90), ("2min", 120)])
 def test_systemd_time_spans_are_read_as_systemd_reads_them(value, expected):
     assert seconds(value) == expected
+
+
+def test_the_image_copies_every_package_the_project_installs():
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = {arguments.split()[0] for instruction, arguments in dockerfile() if instruction == "COPY"}
+    assert set(packages) <= copied, set(packages) - copied
