@@ -244,8 +244,10 @@ class SqlLedger(ABC):
 
     # -- operator views and actions -----------------------------------------------------------------
     def executions(self, *, status: str | None = None, flow: str | None = None, limit: int = 1000, ids: list[int] | None = None) -> list[dict]:
+        """Executions oldest first; asked for by id, each with its context too (its record and step outputs, for a close look)."""
         where, params = self._where(status=status, flow=flow, ids=ids)
-        return self._rows(f"SELECT {EXECUTION_COLUMNS}, context FROM executions WHERE {where} ORDER BY id LIMIT ?", (*params, limit))
+        columns = f"{EXECUTION_COLUMNS}, context" if ids else EXECUTION_COLUMNS  # a listing does not read every record
+        return self._rows(f"SELECT {columns} FROM executions WHERE {where} ORDER BY id LIMIT ?", (*params, limit))
 
     def attempts_of(self, execution: int) -> list[dict]:
         return self._rows("SELECT step, n, started, finished, outcome, status_code, error FROM attempts WHERE execution = ? ORDER BY id", (execution,))
