@@ -45,6 +45,7 @@ STOP_CHECK = 0.1  # how often a drain waiting for its steps looks for a stop req
 MAX_SLEEP = 60.0  # the longest sleep of the loop: a wall clock stepped or suspended delays a due poll by a minute at most
 PRUNE_EVERY = 3600.0  # seconds between applications of the retention
 CLAIM_AHEAD = 8  # executions claimed and not yet finished, at least: at concurrency 1, one commit for up to 8 sends
+RECORD_WITHIN = 0.25  # seconds an outcome may wait for the commit it shares with others (slow sinks: one commit each)
 MAX_RUNS = 100  # runs on demand remembered, waiting or over; the oldest that are over are forgotten first
 
 
@@ -329,9 +330,10 @@ class Agent:
 
         Up to CLAIM_AHEAD executions are claimed at once (their intent committed before any is sent) and started
         as workers come free; outcomes are recorded with the next claim, so at a low concurrency one commit serves
-        several sends instead of one each."""
+        several sends instead of one each; an outcome waits RECORD_WITHIN at most (a slow sink: one commit each)."""
         first, ready = True, deque()
         target = max(size, CLAIM_AHEAD)
+        waiting_since = 0.0  # monotonic time the oldest unrecorded outcome came in
         while True:
             # a poll or a run fell due: claim no more (after the first round, so polls cannot starve delivery) and give
             # back what was claimed but not started, so the poll waits for the sends in flight only
@@ -340,7 +342,8 @@ class Agent:
                 batch.extend((ex, Finish("pending", ex.step, ex.context, next_at=self.clock())) for ex in ready)
                 self.metrics.unclaimed(ready)
                 ready.clear()
-            if first or hold or not ready or len(batch) >= target:
+            late = bool(batch) and time.monotonic() - waiting_since >= RECORD_WITHIN
+            if first or hold or not ready or late or len(batch) >= target:
                 free = 0 if hold else max(0, target - len(in_flight) - len(ready))
                 # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send;
                 # when a paused connector answered again, its waiting work becomes due in the same transaction
@@ -366,7 +369,7 @@ class Agent:
                 continue  # due now: the next round claims them
             if not in_flight:
                 break
-            done = self._settled(in_flight)
+            done = self._settled(in_flight, waiting_since + RECORD_WITHIN if batch else None)
             if done is None:
                 self.abandoned = len(in_flight)
                 logger.warning("stopping: {} step(s) still running after {:.0f}s are left as they are; the next start sends them again "
@@ -382,6 +385,8 @@ class Agent:
             finished = [(in_flight.pop(f), f.result()) for f in done]
             for ex, finish in finished:
                 self._tally(result, ex, finish)
+            if not batch:
+                waiting_since = time.monotonic()
             batch.extend(finished)
             self.progress(f"delivering: {result.sent} sent, {result.failed + result.dead} failed, {len(in_flight)} in flight")
 
@@ -398,10 +403,15 @@ class Agent:
                 logger.error("config version {}: flow {!r} cannot be read back; its waiting work fails", number, name)
         self.runner.add_version(number, flows)
 
-    def _settled(self, in_flight: dict[Future, Execution]) -> set[Future] | None:
-        """The calls done next; None when a stop came and STOP_GRACE passed with calls still running."""
+    def _settled(self, in_flight: dict[Future, Execution], until: float | None = None) -> set[Future] | None:
+        """The calls done next (none when ``until``, a monotonic time, passes first); None when a stop came and
+        STOP_GRACE passed with calls still running."""
         while True:
             left = STOP_CHECK
+            if until is not None:
+                left = min(left, until - time.monotonic())
+                if left <= 0:
+                    return set()
             if self.stopping.is_set():
                 self._stop_by = self._stop_by or time.monotonic() + STOP_GRACE
                 left = min(left, self._stop_by - time.monotonic())

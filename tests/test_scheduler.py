@@ -432,3 +432,28 @@ def test_at_concurrency_1_one_commit_records_several_sends(make, monkeypatch):
     assert commits[0] == (0, CLAIM_AHEAD)  # the intent of the first eight, before any is sent
     assert len(commits) <= 16 // (CLAIM_AHEAD - 1) + 2, commits
     assert sum(done for done, _ in commits) == 16
+
+
+def test_a_slow_sinks_outcomes_are_not_held_back_behind_the_sends_claimed_ahead(make, monkeypatch):
+    """Outcomes share a commit only while they are fresh: behind a sink slower than RECORD_WITHIN each is recorded
+    while the next send is in flight, not held back behind every send claimed ahead."""
+    from agent.process import RECORD_WITHIN
+
+    agent = make([{"id": i, "entity": str(i)} for i in range(3)], concurrency=1)
+    real = agent.connectors["out"].run
+
+    def slow(action, data, key):
+        time.sleep(RECORD_WITHIN + 0.05)
+        return real(action, data, key)
+
+    monkeypatch.setattr(agent.connectors["out"], "run", slow)
+    recorded, finish_and_claim = [], agent.ledger.finish_and_claim
+
+    def counted(done, now, limit, lease, **kwargs):
+        recorded.append(len(done))
+        return finish_and_claim(done, now, limit, lease, **kwargs)
+
+    monkeypatch.setattr(agent.ledger, "finish_and_claim", counted)
+    agent.tick(agent.clock())
+    assert agent.ledger.counts()["to-leads"]["succeeded"] == 3
+    assert [n for n in recorded if n] == [1, 1, 1], recorded
