@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -183,9 +184,12 @@ class Poller:
 
     def __init__(self, config: Config, ledger: Ledger, sources: dict[str, Any], *, clock: Callable[[], float],
                  templates: Templates | None = None, failpoint: Callable[[str], None] = lambda name: None,
-                 progress: Callable[[str], None] = lambda text: None):
+                 progress: Callable[[str], None] = lambda text: None, admitted: Callable[[], None] = lambda: None,
+                 admitting: Callable[[str, set[str]], AbstractContextManager] = lambda source, entities: nullcontext()):
         self.failpoint = failpoint
         self.progress = progress
+        self.admitted = admitted  # called once a page's new work is committed: delivery can start on it during the poll
+        self.admitting = admitting  # held around each page's admission: it waits for sends of the page's entities in flight
         self.config = config
         self.ledger = ledger
         self.sources = sources
@@ -338,10 +342,13 @@ class Poller:
             for item in good:
                 item.rekeyed = item.hash in held
         shown = {key: last for key, last in known.values()}
-        admitted = self.ledger.admit(name, good, state.flows, self.clock(), shown=shown, version=self.version)
+        with self.admitting(name, {item.entity for item in good}):
+            admitted = self.ledger.admit(name, good, state.flows, self.clock(), shown=shown, version=self.version)
         result.pages += 1
         result.fetched += len(page.records)
         result.new += admitted.new
+        if admitted.new:
+            self.admitted()
         if state.run:
             result.scheduled.extend(admitted.scheduled[:MAX_RUN_KEYS - len(result.scheduled)])
         result.primed += admitted.primed

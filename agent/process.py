@@ -1,5 +1,12 @@
 """The agent process: composes sources, connectors and the ledger; polls, delivers, runs on schedule.
 
+`agent run` polls on a thread of its own and delivers on the main one, so
+neither waits for the other: the work a page of a poll admits is delivered
+while the poll reads on, and a long drain never holds back a due poll. Both
+turn on the ledger, which serialises its own transactions. Tests drive
+either side with a fake clock (`poll_tick(now)`, `delivery_tick(now)`), or
+both in turn on one thread (`tick(now)`).
+
 On a stop request the drain claims nothing more and waits for the steps in
 flight, STOP_GRACE seconds at most; a step still stuck then is left as it is
 (`running` in the ledger, as after a crash): the next start recovers it as
@@ -11,13 +18,14 @@ from __future__ import annotations
 import inspect
 import queue
 from collections import deque
+from contextlib import contextmanager
 import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from loguru import logger
 from pydantic import ValidationError
@@ -114,6 +122,68 @@ class Workers:
                 future.set_exception(error)
 
 
+class EntityGate:
+    """Keeps a poll's admission and the start of sends apart, entity by entity, while polls run on their own thread.
+
+    Versions of one entity go out in version order because the ledger claims no version while an earlier one is
+    unfinished. That rule sees only what was admitted before the claim: a version admitted while a newer one of its
+    entity was claimed could only go after it. So a page is admitted once no send of its entities is in flight, and
+    a claimed version of an entity admitted since its claim is given back unstarted, to be claimed again in order.
+    Keys are (source, entity); one poll admits at a time.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._seq = 0  # admissions ended so far
+        self._admitting: set[tuple[str, str]] = set()
+        self._admitted: dict[tuple[str, str], int] = {}  # key -> the admission that last ended for it
+        self._sending: dict[tuple[str, str], int] = {}  # key -> sends in flight
+
+    @contextmanager
+    def admitting(self, source: str, entities: set[str], stopping: threading.Event) -> Iterator[None]:
+        keys = {(source, entity) for entity in entities}
+        with self._changed:
+            self._admitting |= keys
+            while not stopping.is_set() and any(key in self._sending for key in keys):
+                self._changed.wait(STOP_CHECK)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._admitting -= keys
+                self._seq += 1
+                self._admitted.update(dict.fromkeys(keys, self._seq))
+                self._changed.notify_all()
+
+    def mark(self) -> int:
+        """Taken before a claim: a version admitted after it has an admission number above it."""
+        with self._changed:
+            return self._seq
+
+    def start(self, ex: Execution, claimed: int) -> bool:
+        """Whether ``ex`` (claimed at mark ``claimed``) may be sent now; if so, it counts as in flight until `sent`."""
+        key = (ex.source, ex.entity)
+        with self._changed:
+            if key in self._admitting or self._admitted.get(key, -1) > claimed:
+                return False
+            self._sending[key] = self._sending.get(key, 0) + 1
+            return True
+
+    def sent(self, ex: Execution) -> None:
+        key = (ex.source, ex.entity)
+        with self._changed:
+            self._sending[key] -= 1
+            if not self._sending[key]:
+                del self._sending[key]
+                self._changed.notify_all()
+
+    def settle(self, oldest: int, timeout: float) -> None:
+        """Wait (``timeout`` at most) for the admission under way to end; forget admissions no claim from ``oldest`` on can meet."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._admitting, timeout)
+            self._admitted = {key: seq for key, seq in self._admitted.items() if seq > oldest}
+
+
 @dataclass
 class DrainResult:
     sent: int = 0
@@ -200,9 +270,13 @@ class Agent:
         self._stop_by: float | None = None  # monotonic time after which steps still in flight are left to recovery
         self.abandoned = 0  # steps left in flight by a stop
         self._timetable: Timetable | None = None  # the first tick makes it
-        self._ledger_down = False  # a write failed in this tick: the next one comes after LEDGER_RETRY
+        self._ledger_down = False  # a delivery write failed in this tick: the next one comes after LEDGER_RETRY
+        self._polls_down = False  # a poll's write failed in this tick: the polls are tried again after LEDGER_RETRY
+        self._apart = False  # run_forever: polls run on their own thread, so a drain has no poll to make way for
+        self._poll_thread: threading.Thread | None = None
         self._overran: set[str] = set()  # jobs that took longer than their interval (said once each)
-        self._wake = threading.Event()  # ends the loop's sleep: a stop, a run request
+        self._wake = threading.Event()  # ends the delivery loop's sleep: a stop, new work admitted by a poll
+        self._poll_wake = threading.Event()  # ends the poll loop's sleep: a stop, a run request
         self._runs: dict[str, Run] = {}  # runs on demand by id, oldest first
         self._runs_lock = threading.Lock()  # request_run and run_status come from the endpoint's thread
         self._mask = Masker.of(config)  # a run's error is served over HTTP
@@ -220,8 +294,10 @@ class Agent:
         self.runner = FlowRunner(config, self.connectors, clock=clock, templates=templates, failpoint=self.failpoint, version=self.version)
         self.progress = Progress()
         self.metrics = _metrics(config)  # counted as the agent works; GET /metrics serves them
+        self.gate = EntityGate()
         self.poller = Poller(config, self.ledger, self.sources, clock=clock, templates=templates, failpoint=self.failpoint,
-                             progress=self.progress)
+                             progress=self.progress, admitted=self._wake.set,
+                             admitting=partial(self.gate.admitting, stopping=self.stopping))
         self.poller.version = self.version
         recovered = self.ledger.recover(clock())
         if recovered:
@@ -243,6 +319,8 @@ class Agent:
                 connector.close()
             except Exception:  # closing is best effort; the ledger must still close
                 logger.exception("closing a connector failed")
+        if self._poll_thread is not None and self._poll_thread.is_alive():
+            return  # a poll stuck past the stop grace may be inside a write: the process's end closes the ledger (a cut write rolls back)
         self.ledger.close()
 
     def _restore_unreachable(self) -> dict[str, tuple[float, str]]:
@@ -332,6 +410,7 @@ class Agent:
         as workers come free; outcomes are recorded with the next claim, so at a low concurrency one commit serves
         several sends instead of one each; an outcome waits RECORD_WITHIN at most (a slow sink: one commit each)."""
         first, ready = True, deque()
+        marks: dict[int, int] = {}  # execution id -> the gate's mark at its claim
         target = max(size, CLAIM_AHEAD)
         waiting_since = 0.0  # monotonic time the oldest unrecorded outcome came in
         while True:
@@ -340,6 +419,8 @@ class Agent:
             hold = self.stopping.is_set() or (not first and self._poll_waits())
             if hold and ready:
                 batch.extend((ex, Finish("pending", ex.step, ex.context, next_at=self.clock())) for ex in ready)
+                for ex in ready:
+                    del marks[ex.id]
                 self.metrics.unclaimed(ready)
                 ready.clear()
             late = bool(batch) and time.monotonic() - waiting_since >= RECORD_WITHIN
@@ -348,7 +429,9 @@ class Agent:
                 # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send;
                 # when a paused connector answered again, its waiting work becomes due in the same transaction
                 wake = self.runner.take_resumed()
+                mark = self.gate.mark()
                 claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease, wake=wake)
+                marks.update(dict.fromkeys((ex.id for ex in claimed), mark))
                 self._record_unreachable()
                 if claimed:
                     self.metrics.claimed(claimed)
@@ -362,9 +445,18 @@ class Agent:
                     self._know_version(ex.version)
                 ready.extend(claimed)
             first = False
+            given_back = []
             while ready and len(in_flight) < size:
                 ex = ready.popleft()
-                in_flight[workers.submit(self._run, ex)] = ex
+                if self.gate.start(ex, marks.pop(ex.id)):
+                    in_flight[workers.submit(self._send, ex)] = ex
+                else:  # a version of its entity was admitted since its claim: back, to be claimed again in version order
+                    given_back.append(ex)
+            if given_back:
+                batch.extend((ex, Finish("pending", ex.step, ex.context, next_at=self.clock())) for ex in given_back)
+                self.metrics.unclaimed(given_back)
+                self.gate.settle(min((marks[ex.id] for ex in ready), default=self.gate.mark()), RECORD_WITHIN)
+                continue  # the next round records them and claims again
             if self._put_back(put_back, in_flight, batch) and not self.stopping.is_set():
                 continue  # due now: the next round claims them
             if not in_flight:
@@ -454,6 +546,13 @@ class Agent:
                 logger.warning("connector {!r}: unreachable since {} ({}), {} waiting; they spend no attempts, one probe at a time tries it",
                                name, _when(since), why, waiting)
 
+    def _send(self, ex: Execution) -> Finish:
+        """`_run` on a worker, in flight for the gate until it ends."""
+        try:
+            return self._run(ex)
+        finally:
+            self.gate.sent(ex)
+
     def _run(self, ex: Execution) -> Finish:
         """One execution's run; a bug in a step fails that execution (re-queueable), never the agent."""
         try:
@@ -486,39 +585,94 @@ class Agent:
         return waiting, sum(flow.get("paused", 0) for flow in counts.values())
 
     def run_forever(self) -> None:
-        """Poll at start and on each source's schedule, deliver continuously, until ``stopping`` is set."""
+        """Poll at start and on each source's schedule (on a thread of its own) and deliver continuously (on this one),
+        until ``stopping`` is set; then wait STOP_GRACE at most for a poll still running."""
         logger.info("agent running: {} source(s), {} flow(s), ledger {}, agent id {}", len(self.sources), len(self.config.flows),
                     self.config.ledger_shown, self.ledger.worker)
-        # the loop sleeps on _wake, which a run request sets too; this thread passes a stop on to it (costing nothing meanwhile)
+        self._apart = True
+        # each loop sleeps on its event, which a stop sets too; this thread passes a stop on to them (costing nothing meanwhile)
         threading.Thread(target=self._wake_on_stop, name="stop-watch", daemon=True).start()
+        self._poll_thread = threading.Thread(target=self._poll_loop, name="poll", daemon=True)
+        self._poll_thread.start()
         while not self.stopping.is_set():
-            self._wake.clear()  # before the tick: a request that comes during it ends the sleep after it
-            wake = self.tick(self.clock())
+            self._wake.clear()  # before the tick: work admitted during it ends the sleep after it
+            wake = self.delivery_tick(self.clock())
             self._wake.wait(min(MAX_SLEEP, max(0.0, wake - self.clock())))
+        self._poll_thread.join(STOP_GRACE)  # a page being read is given up at once on a stop: this is quick
+        if self._poll_thread.is_alive():
+            logger.warning("stopping: a poll still running after {:.0f}s is left as it is; what it admitted stays and its cursor "
+                           "has not moved, so the next start reads the rest again", STOP_GRACE)
         logger.info("agent stopped")
+
+    def _poll_loop(self) -> None:
+        """run_forever's poll thread: the polls and runs due, then a sleep until the next one or a run request."""
+        while not self.stopping.is_set():
+            self._poll_wake.clear()  # before the tick: a run requested during it ends the sleep after it
+            try:
+                wake = self.poll_tick(self.clock())
+            except Exception:  # a schedule that silently stops firing is the worst failure: log it and go on
+                logger.exception("the poll loop failed unexpectedly; it goes on in {:.0f}s", LEDGER_RETRY)
+                wake = self.clock() + LEDGER_RETRY
+            self._poll_wake.wait(min(MAX_SLEEP, max(0.0, wake - self.clock())))
 
     def _wake_on_stop(self) -> None:
         self.stopping.wait()
         self._wake.set()
+        self._poll_wake.set()
 
     def tick(self, now: float) -> float:
-        """One turn of the loop at ``now``: the polls and runs due, then delivery; when to turn again (epoch seconds).
+        """One turn of both loops at ``now`` on the caller's thread: the polls and runs due, then delivery; when to
+        turn again (epoch seconds).
 
-        All of it runs on the caller's thread, the only one that uses the ledger (deliveries run on the workers,
-        their outcomes are recorded here). A drain claims no more once a poll or a run is due, so a poll waits
-        for one delivery round at most; a drain always gets its first round, so polls cannot starve delivery.
+        A drain here claims no more once a poll or a run is due, so a poll waits for one delivery round at most; a
+        drain always gets its first round, so polls cannot starve delivery. (run_forever needs neither rule: it
+        turns `poll_tick` and `delivery_tick` on two threads.)
         """
         self._ledger_down = False
-        table = self._timetable = self._timetable or self._plan(now)
-        for job in table.due(now):
-            if self.stopping.is_set():
-                return now
-            self._job(job)
-        self._serve_runs()
+        if not self._run_polls(now):
+            return now
         drain_started = self.clock()
         if not self.stopping.is_set():
             self._guarded(self.drain)
         return self._next_wake(drain_started)
+
+    def poll_tick(self, now: float) -> float:
+        """The polls and runs due at ``now``; when the next one is due (epoch seconds)."""
+        self._run_polls(now)
+        now = self.clock()
+        if self._polls_down:
+            return now + LEDGER_RETRY
+        if self.stopping.is_set() or self._runs_queued():
+            return now
+        return self._timetable.next_wake(now)
+
+    def delivery_tick(self, now: float) -> float:
+        """Deliver what is due at ``now``; when work is due next (epoch seconds), or MAX_SLEEP from now (a poll's new
+        work wakes the loop sooner)."""
+        self._ledger_down = False
+        if not self.stopping.is_set():
+            self._guarded(self.drain)
+        later = self.clock()
+        if self._ledger_down:
+            return later + LEDGER_RETRY
+        if self.stopping.is_set():
+            return later
+        try:
+            due = self.ledger.next_due(after=now)
+        except LedgerError:
+            return later + LEDGER_RETRY
+        return later + MAX_SLEEP if due is None else due
+
+    def _run_polls(self, now: float) -> bool:
+        """The jobs of the timetable due at ``now``, then the runs on demand queued; False when a stop cut it short."""
+        self._polls_down = False
+        table = self._timetable = self._timetable or self._plan(now)
+        for job in table.due(now):
+            if self.stopping.is_set():
+                return False
+            self._job(job)
+        self._serve_runs()
+        return True
 
     def _plan(self, now: float) -> Timetable:
         """Every source polls at `now` (once, however long the agent was down), then by its `every` or `at`; prune hourly."""
@@ -543,19 +697,22 @@ class Agent:
             self.poll(name)
 
     def _attempt(self, what: str, work: Callable[[], Any]) -> Attempted:
-        """Run one job of the loop; a ledger that cannot be written and a bug in the job are both survived."""
+        """Run one poll job; a ledger that cannot be written and a bug in the job are both survived.
+
+        Never `_settle` here: a poll's failed write leaves no send unrecorded, and recovery while the delivery
+        thread has sends in flight would start them a second time."""
         try:
-            self._settle()
             return Attempted(work())
         except LedgerError as error:
-            self._ledger_failed(error)
+            self._polls_down = True
+            logger.error("the ledger cannot be written: {} — polls wait until it can; trying again in {:.0f}s", error, LEDGER_RETRY)
             return Attempted(error=f"the ledger cannot be written: {error}", ledger_down=True)
         except Exception as error:  # a bug in one job must not stop the agent (the `schedule` package let it escape)
             logger.exception("{} failed unexpectedly", what)
             return Attempted(error=f"internal error: {type(error).__name__}: {error}")
 
     def _guarded(self, work: Callable[[], Any]) -> Any:
-        """Run work; a ledger that cannot be written (disk full, locked) is survived (False): nothing is sent meanwhile."""
+        """Run delivery work; a ledger that cannot be written (disk full, locked) is survived (False): nothing is sent meanwhile."""
         try:
             self._settle()
             return work()
@@ -577,7 +734,7 @@ class Agent:
     def _next_wake(self, drain_started: float) -> float:
         """The next poll, run or retry. Work due before the drain that it left waits behind an earlier version: not counted."""
         now = self.clock()
-        if self._ledger_down:
+        if self._ledger_down or self._polls_down:
             return now + LEDGER_RETRY
         if self.stopping.is_set() or self._poll_waits():
             return now
@@ -589,16 +746,22 @@ class Agent:
         return min(wake for wake in wakes if wake is not None)
 
     def _poll_waits(self) -> bool:
-        """A poll or a run on demand is due: the drain claims no more, so it waits one delivery round at most."""
-        with self._runs_lock:
-            if any(run.state == "queued" for run in self._runs.values()):
-                return True
+        """A poll or a run on demand is due and waits for this thread (`tick`): the drain claims no more, so it
+        waits one delivery round at most. Polls on their own thread (run_forever) wait for nothing."""
+        if self._apart:
+            return False
+        if self._runs_queued():
+            return True
         if self._timetable is None:  # `run --once` and `poll` drain without a timetable
             return False
         now = self.clock()
         return self._timetable.next_wake(now) <= now
 
     # -- runs on demand (the HTTP endpoint's POST /flows/{name}/run) -----------------------------
+
+    def _runs_queued(self) -> bool:
+        with self._runs_lock:
+            return any(run.state == "queued" for run in self._runs.values())
 
     def request_run(self, source: str, params: dict[str, str]) -> str:
         """Queue a poll of ``source`` with ``params`` (its `run` in templates) for the loop; the run's id. Thread-safe.
@@ -616,7 +779,7 @@ class Agent:
             if len(self._runs) >= MAX_RUNS:
                 raise RunQueueFull(f"{MAX_RUNS} runs are waiting already; ask again once some have run")
             self._runs[run.id] = run
-        self._wake.set()
+        self._poll_wake.set()
         return run.id
 
     def run_status(self, run_id: str) -> dict[str, Any] | None:
@@ -627,7 +790,7 @@ class Agent:
             return None if run is None else {**run.view(), "scheduled": list(run.scheduled)}
 
     def _serve_runs(self) -> None:
-        """Poll for the runs queued when the tick began, oldest first, on the loop's thread like every ledger use."""
+        """Poll for the runs queued when the tick began, oldest first, on the polls' thread."""
         with self._runs_lock:
             queued = [run for run in self._runs.values() if run.state == "queued"]
         for run in queued:
