@@ -195,6 +195,11 @@ class DrainResult:
     paused: int = 0
     errors: list[str] = field(default_factory=list)
 
+    def add(self, other: "DrainResult") -> None:
+        for name in ("sent", "succeeded", "filtered", "failed", "dead", "retrying", "paused"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.errors.extend(other.errors)
+
 
 class _Uncounted:
     """The metrics of an agent nobody can scrape (no [agent] listen): nothing counted, prometheus-client not imported."""
@@ -391,6 +396,39 @@ class Agent:
         if result.sent or result.failed or result.dead:
             logger.info("drain: {} sent, {} failed, {} dead, {} retrying, {} paused", result.sent, result.failed, result.dead, result.retrying, result.paused)
         return result
+
+    def once(self, polls: Callable[[], list[PollResult]]) -> tuple[list[PollResult], DrainResult]:
+        """`run --once` and `poll`: ``polls`` on a thread of their own and delivery on this one, until the polls ended
+        and nothing is due; what the polls came to and what the deliveries did. A page's new work goes out while
+        the poll reads on, as in run_forever."""
+        self._apart = True
+        ended: list[Any] = []
+
+        def poll() -> None:
+            try:
+                ended.append(polls())
+            except BaseException as error:  # handed to this thread below, as if the polls had run here
+                ended.append(error)
+            finally:
+                self._wake.set()
+
+        thread = threading.Thread(target=poll, name="poll", daemon=True)
+        thread.start()
+        result = DrainResult()
+        while True:
+            self._wake.clear()  # before the drain: work admitted during it ends the wait after it
+            polling = thread.is_alive()
+            result.add(self.drain())
+            if not polling or self.stopping.is_set():
+                break
+            self._wake.wait(STOP_CHECK)
+        thread.join(STOP_GRACE)
+        if not ended:  # stuck past the grace after a stop: what it admitted stays, its cursor has not moved
+            self._poll_thread = thread
+            return [], result
+        if isinstance(ended[0], BaseException):
+            raise ended[0]
+        return ended[0], result
 
     def _let_finish(self, in_flight: dict[Future, Execution]) -> None:
         """Wait for the steps in flight when a drain fails (a stop still bounds the wait)."""

@@ -223,3 +223,27 @@ def test_a_page_waits_to_be_admitted_while_a_send_of_its_entity_is_in_flight(tmp
     finally:
         release.set()
         agent.close()
+
+
+def test_run_once_delivers_the_first_page_while_the_poll_reads_on_and_reports_both(tmp_path: Path, sink):
+    with ViewServer(make_leads(250), paging="page", page_size=100, username="integration", password=PASSWORD) as view:
+        gate = Gate()
+        view.fail_with(gate)
+        agent = Agent(load(write_config(tmp_path, view, sink)))
+        outcome = []
+        once = threading.Thread(target=lambda: outcome.append(agent.once(agent.poll_all)))
+        try:
+            once.start()
+            assert gate.waiting.wait(10)
+            delivered_meanwhile = wait_until(lambda: len(sink.requests_to("POST", "/leads")) == 100, 10)
+            gate_was_closed = not gate.open.is_set()
+            gate.open.set()
+            once.join(20)
+            assert delivered_meanwhile and gate_was_closed
+        finally:
+            gate.open.set()
+            once.join(20)
+            agent.close()
+        [(polls, drained)] = outcome
+        assert [p.new for p in polls] == [250] and drained.sent == 250  # one run: everything polled is delivered
+        assert len(sink.requests_to("POST", "/leads")) == 250
