@@ -129,45 +129,70 @@ class EntityGate:
     unfinished. That rule sees only what was admitted before the claim: a version admitted while a newer one of its
     entity was claimed could only go after it. So a page is admitted once no send of its entities is in flight, and
     a claimed version of an entity admitted since its claim is given back unstarted, to be claimed again in order.
-    Keys are (source, entity); one poll admits at a time.
+    What it holds is bounded by the claims outstanding, whatever the size of the view.
     """
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
-        self._seq = 0  # admissions ended so far
-        self._admitting: set[tuple[str, str]] = set()
-        self._admitted: dict[tuple[str, str], int] = {}  # key -> the admission that last ended for it
-        self._sending: dict[tuple[str, str], int] = {}  # key -> sends in flight
+        self._admitting: list[tuple[str, set[str]]] = []  # (source, entities) of the admission under way
+        self._claims = 0  # claim transactions under way: admissions that end meanwhile are kept for them
+        self._ended: list[tuple[int, str, set[str]]] = []  # (number, source, entities) of admissions ended during a claim
+        self._count = 0  # admissions ended so far
+        self._waiting: dict[int, tuple[str, str]] = {}  # claimed, not started: execution id -> (source, entity)
+        self._stale: set[int] = set()  # of those, the ones with a version of their entity admitted since their claim
+        self._sending: dict[tuple[str, str], int] = {}  # (source, entity) -> sends in flight
 
     @contextmanager
     def admitting(self, source: str, entities: set[str], stopping: threading.Event) -> Iterator[None]:
-        keys = {(source, entity) for entity in entities}
+        """Held around one page's admission: it begins once no send of its entities is in flight."""
         with self._changed:
-            self._admitting |= keys
-            while not stopping.is_set() and any(key in self._sending for key in keys):
+            self._admitting.append((source, entities))
+            while not stopping.is_set() and any(src == source and entity in entities for src, entity in self._sending):
                 self._changed.wait(STOP_CHECK)
         try:
             yield
         finally:
             with self._changed:
-                self._admitting -= keys
-                self._seq += 1
-                self._admitted.update(dict.fromkeys(keys, self._seq))
+                self._admitting.remove((source, entities))
+                self._count += 1
+                if self._claims:
+                    self._ended.append((self._count, source, entities))
+                self._stale.update(ex_id for ex_id, (src, entity) in self._waiting.items() if src == source and entity in entities)
                 self._changed.notify_all()
 
-    def mark(self) -> int:
-        """Taken before a claim: a version admitted after it has an admission number above it."""
+    def claiming(self) -> int:
+        """Called before a claim transaction; hand what it returns to `claimed` with the executions it claimed."""
         with self._changed:
-            return self._seq
+            self._claims += 1
+            return self._count
 
-    def start(self, ex: Execution, claimed: int) -> bool:
-        """Whether ``ex`` (claimed at mark ``claimed``) may be sent now; if so, it counts as in flight until `sent`."""
-        key = (ex.source, ex.entity)
+    def claimed(self, executions: list[Execution], since: int) -> None:
         with self._changed:
-            if key in self._admitting or self._admitted.get(key, -1) > claimed:
+            for ex in executions:
+                key = (ex.source, ex.entity)
+                self._waiting[ex.id] = key
+                if any(number > since and src == ex.source and ex.entity in entities for number, src, entities in self._ended):
+                    self._stale.add(ex.id)
+            self._claims -= 1
+            if not self._claims:
+                self._ended.clear()
+
+    def start(self, ex: Execution) -> bool:
+        """Whether claimed ``ex`` may be sent now; if so, it counts as in flight until `sent`."""
+        with self._changed:
+            key = self._waiting.pop(ex.id, (ex.source, ex.entity))
+            if ex.id in self._stale or any(src == ex.source and ex.entity in entities for src, entities in self._admitting):
+                self._stale.discard(ex.id)
                 return False
             self._sending[key] = self._sending.get(key, 0) + 1
             return True
+
+    def dropped(self, executions: Any) -> None:
+        """Claimed executions given back unstarted (a stop, a poll due): nothing more to watch for them."""
+        with self._changed:
+            for ex in executions:
+                self._waiting.pop(ex.id, None)
+                self._stale.discard(ex.id)
 
     def sent(self, ex: Execution) -> None:
         key = (ex.source, ex.entity)
@@ -177,11 +202,10 @@ class EntityGate:
                 del self._sending[key]
                 self._changed.notify_all()
 
-    def settle(self, oldest: int, timeout: float) -> None:
-        """Wait (``timeout`` at most) for the admission under way to end; forget admissions no claim from ``oldest`` on can meet."""
+    def settle(self, timeout: float) -> None:
+        """Wait (``timeout`` at most) for the admission under way to end."""
         with self._changed:
             self._changed.wait_for(lambda: not self._admitting, timeout)
-            self._admitted = {key: seq for key, seq in self._admitted.items() if seq > oldest}
 
 
 @dataclass
@@ -448,7 +472,6 @@ class Agent:
         as workers come free; outcomes are recorded with the next claim, so at a low concurrency one commit serves
         several sends instead of one each; an outcome waits RECORD_WITHIN at most (a slow sink: one commit each)."""
         first, ready = True, deque()
-        marks: dict[int, int] = {}  # execution id -> the gate's mark at its claim
         target = max(size, CLAIM_AHEAD)
         waiting_since = 0.0  # monotonic time the oldest unrecorded outcome came in
         while True:
@@ -457,8 +480,7 @@ class Agent:
             hold = self.stopping.is_set() or (not first and self._poll_waits())
             if hold and ready:
                 batch.extend((ex, Finish("pending", ex.step, ex.context, next_at=self.clock())) for ex in ready)
-                for ex in ready:
-                    del marks[ex.id]
+                self.gate.dropped(ready)
                 self.metrics.unclaimed(ready)
                 ready.clear()
             late = bool(batch) and time.monotonic() - waiting_since >= RECORD_WITHIN
@@ -467,9 +489,11 @@ class Agent:
                 # the outcomes just in and the next claims commit together: one fsync, and the intent still precedes the send;
                 # when a paused connector answered again, its waiting work becomes due in the same transaction
                 wake = self.runner.take_resumed()
-                mark = self.gate.mark()
-                claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease, wake=wake)
-                marks.update(dict.fromkeys((ex.id for ex in claimed), mark))
+                since, claimed = self.gate.claiming(), []
+                try:
+                    claimed = self.ledger.finish_and_claim(batch, self.clock(), free, self.config.agent.lease, wake=wake)
+                finally:
+                    self.gate.claimed(claimed, since)
                 self._record_unreachable()
                 if claimed:
                     self.metrics.claimed(claimed)
@@ -486,14 +510,14 @@ class Agent:
             given_back = []
             while ready and len(in_flight) < size:
                 ex = ready.popleft()
-                if self.gate.start(ex, marks.pop(ex.id)):
+                if self.gate.start(ex):
                     in_flight[workers.submit(self._send, ex)] = ex
                 else:  # a version of its entity was admitted since its claim: back, to be claimed again in version order
                     given_back.append(ex)
             if given_back:
                 batch.extend((ex, Finish("pending", ex.step, ex.context, next_at=self.clock())) for ex in given_back)
                 self.metrics.unclaimed(given_back)
-                self.gate.settle(min((marks[ex.id] for ex in ready), default=self.gate.mark()), RECORD_WITHIN)
+                self.gate.settle(RECORD_WITHIN)
                 continue  # the next round records them and claims again
             if self._put_back(put_back, in_flight, batch) and not self.stopping.is_set():
                 continue  # due now: the next round claims them
@@ -505,6 +529,7 @@ class Agent:
                 logger.warning("stopping: {} step(s) still running after {:.0f}s are left as they are; the next start sends them again "
                                "with the same idempotency keys", len(in_flight), STOP_GRACE)
                 if ready:  # claimed, never started: back to waiting at once
+                    self.gate.dropped(ready)
                     self.ledger.finish_many([(ex, Finish("pending", ex.step, ex.context, next_at=self.clock())) for ex in ready],
                                             self.clock())
                     self.metrics.unclaimed(ready)
