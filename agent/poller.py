@@ -281,11 +281,12 @@ class Poller:
             for page in state.source.pages(params):
                 self.failpoint("after_fetch")
                 self._page(name, cfg, page, state, result, log)
-                pages += bool(page.records)  # the empty page that ends paging is not a page of the view
+                pages += 1  # the empty page that ends paging counts: records that left the view may have emptied it
                 self.progress(f"poll {name}: page {page.number}, {result.fetched} records, {result.new + result.primed} new")
             # Records that leave the view while it is paged move others up onto pages already read: those are skipped,
             # and a cursor past them loses them for good. So a paged read that moves the cursor is read once more; it is
             # sound when that read finds nothing new but versions newer than the first read (or new records at the top).
+            # A read of one full page and an empty one is paged too: the records that were to fill page 2 may be on page 1 now.
             verify = number == 1 and pages > 1 and not state.truncated and not state.shifted and _uses_cursor(cfg)
             if not (state.shifted or verify) or number == MAX_PASSES:
                 return

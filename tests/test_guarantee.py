@@ -202,6 +202,27 @@ def test_a_record_deleted_deeper_than_page_1_while_paging_makes_no_other_be_skip
     assert sorted(ids(delivered(cfg))) == sorted(ids(leads))
 
 
+def test_records_deleted_while_paging_that_empty_the_last_page_make_no_other_be_skipped(tmp_path, capfd):
+    """The kill storm found it: page 1 full, its two newest records deleted before page 2 is asked for, so the two
+    that were to fill page 2 move onto page 1, already read, and page 2 comes back empty: one page of records,
+    yet a paged read, so it is read again before the cursor moves past them."""
+    leads = make_leads(12, start="2026-11-20T10:00:00Z")
+    with ViewServer(leads, page_size=10) as view:
+        def delete_two_newest(handler):
+            if "page=2&" in handler.path + "&" and not getattr(delete_two_newest, "done", False):
+                delete_two_newest.done = True
+                newest = sorted(view.records, key=lambda r: r["lastModified"])[-2:]
+                view.records = [r for r in view.records if r not in newest]
+            handler.serve()
+
+        view.fail_with(delete_two_newest)
+        cfg = write_config(tmp_path, view.url)
+        code, out, err = cli(capfd, cfg, "run", "--once")
+        assert code == 0 and "records left the view while it was paged" in err, err
+        cli(capfd, cfg, "run", "--once")
+    assert sorted(ids(delivered(cfg))) == sorted(ids(leads))  # the 2 deleted ones had been read on page 1
+
+
 def test_new_records_arriving_at_the_top_while_paging_keep_the_cursor_moving(tmp_path, capfd):
     leads = make_leads(30, start="2026-11-20T10:00:00Z")
     with ViewServer(leads, page_size=10) as view:
