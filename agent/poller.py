@@ -29,7 +29,7 @@ from loguru import logger
 from agent.config import Config
 from agent.templates import RenderError, Templates
 from sources.base import Page, SourceConfig, SourceError
-from state.base import Admission, LeaseLost, Ledger, LedgerError
+from state.base import HASH_BYTES, Admission, LeaseLost, Ledger, LedgerError
 
 
 class BadRecord(ValueError):
@@ -96,14 +96,14 @@ def identify(record: Any, cfg: SourceConfig) -> Admission:
         raise BadRecord("holds NaN, Infinity or a number out of range (not valid JSON)") from None
     if len(canonical) > cfg.max_record_bytes:
         raise BadRecord(f"record is {len(canonical)} bytes, over max_record_bytes = {cfg.max_record_bytes}")
-    digest = hashlib.sha256(canonical).hexdigest()
+    digest = hashlib.sha256(canonical).digest()
     updated = record.get(cfg.updated) if cfg.updated else None
     version = "" if updated is None else str(updated)
     if "\x00" in version:
         raise BadRecord(f"field {cfg.updated!r} holds a NUL character")
-    key = digest if cfg.dedupe == "content" else key
+    key = digest.hex() if cfg.dedupe == "content" else key  # the whole SHA-256: keys of content sources always were
     entity = _text_key(record[cfg.entity], cfg.entity) if cfg.entity and record.get(cfg.entity) is not None else (rid if cfg.dedupe != "content" else key)
-    return Admission(key=key, id=rid, version=version, hash=digest, entity=entity, context={"record": record})
+    return Admission(key=key, id=rid, version=version, hash=digest[:HASH_BYTES], entity=entity, context={"record": record})
 
 
 FUTURE_TOLERANCE = 300.0  # seconds an `updated` may lie ahead of the agent's clock (clock skew) and still count

@@ -84,7 +84,7 @@ FLOW_STATUSES = tuple(Status)  # as listings show them
 STATUSES = FLOW_STATUSES + ("quarantined",)  # what `executions --status` takes (quarantined: records, not executions)
 
 TOUCH_EVERY = 3600.0  # a re-shown key's last_seen is refreshed at most this often (a write per page, not per poll)
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # One list of schema versions for both backends; each backend brings its ledger from any of them to the last.
 SCHEMA_VERSIONS = {
     1: "records, executions, attempts, cursors, polls, quarantine, meta",
@@ -93,7 +93,12 @@ SCHEMA_VERSIONS = {
     4: "executions (flow, status) index",
     5: "fenced leases: executions.epoch and owner, source_leases, agents",
     6: "claim indexes: unfinished work by (next_at, id) and by (flow, entity)",
+    7: "compact seen records: records.hash as HASH_BYTES raw bytes; records.id and last_seen kept only where they differ",
 }
+# A seen record's content hash as the ledger keeps it: the first 128 bits of the SHA-256 of its canonical JSON
+# (raw bytes; shown as hex). Seen records stay for as long as their view can show them, so their rows are most of a
+# ledger: 16 bytes instead of 64 hex digits, in the row and in the (source, hash) index that re-keying reads.
+HASH_BYTES = 16
 
 
 @dataclass
@@ -103,7 +108,7 @@ class Admission:
     key: str
     id: str
     version: str
-    hash: str
+    hash: bytes  # the content hash, HASH_BYTES long (re-keying recognises a version by it)
     entity: str
     context: dict  # what the flow starts from: {"record": ..., "cursor": ...}
     version_at: float | None = None  # the version's `updated` as a number (None: order by arrival)
@@ -189,7 +194,8 @@ class Ledger(Protocol):
     def admit(self, source: str, items: list[Admission], flows: list[tuple[str, bool]], now: float, *,
               shown: dict[str, float] | None = None, version: int | None = None) -> Admitted: ...
     def seen(self, source: str, keys: set[str]) -> dict[str, float]: ...
-    def known_content(self, source: str, hashes: set[str]) -> set[str]: ...
+    def known_content(self, source: str, hashes: set[bytes]) -> set[bytes]:
+        """The content hashes of ``hashes`` the ledger holds for this source (under any key)."""
     def quarantine(self, source: str, hash: str, reason: str, page: str, excerpt: str, now: float) -> bool: ...
 
     # -- polls and cursors
@@ -238,7 +244,8 @@ class Ledger(Protocol):
     def set_unreachable(self, connector: str, since: float | None, why: str | None = None) -> None: ...
     def unreachable(self) -> dict[str, tuple[float, str]]: ...
     def count_paused(self, reason: str) -> int: ...
-    def record(self, source: str, key: str) -> dict | None: ...
+    def record(self, source: str, key: str) -> dict | None:
+        """A seen record: source, key, id, version, hash (hex), first_seen, last_seen; None when not (or no longer) seen."""
     def keys_of_id(self, id: str, limit: int = 20) -> list[tuple[str, str]]: ...
     def poll_at(self, source: str, when: float) -> dict | None: ...
     def size(self) -> int | None:

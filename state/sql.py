@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from loguru import logger
 
-from state.base import ACTIVE, FINISHED, MOVABLE, TOUCH_EVERY, WAITING, Execution, Finish, masked, to_json
+from state.base import ACTIVE, FINISHED, HASH_BYTES, MOVABLE, TOUCH_EVERY, WAITING, Admission, Execution, Finish, masked, to_json
 
 
 def _sql_list(values: Iterable[str]) -> str:
@@ -35,6 +35,24 @@ IN_ACTIVE = "IN " + _sql_list(ACTIVE)
 IN_MOVABLE = "IN " + _sql_list(MOVABLE)
 IN_FINISHED = "IN " + _sql_list(FINISHED)
 EXECUTION_COLUMNS = "id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version"
+
+# A seen record keeps its id only where it is not its key (under dedupe = "id" it is) and its last_seen only once a
+# later poll refreshed it: most rows hold neither. Readers take them so.
+RECORD_ID = "COALESCE(id, key)"
+LAST_SEEN = "COALESCE(last_seen, first_seen)"
+
+
+def kept_id(item: Admission) -> str | None:
+    """The id as a seen record's row keeps it: NULL where it is the key."""
+    return None if item.id == item.key else item.id
+
+
+def shown_hash(stored: bytes | str | None) -> str | None:
+    """A seen record's content hash as people and JSON see it: hex. A ledger read before its migration to schema 7
+    (beside an agent that has not migrated it yet) holds 64 hex digits: shown as the migration will keep them."""
+    if stored is None:
+        return None
+    return stored[:2 * HASH_BYTES] if isinstance(stored, str) else bytes(stored).hex()
 
 
 class Cursor(Protocol):
@@ -341,7 +359,7 @@ class SqlLedger(ABC):
             records = 0
             for source, window in windows.items():
                 records += tx.execute(
-                    "DELETE FROM records WHERE source = ? AND COALESCE(last_seen, first_seen) < ?"
+                    f"DELETE FROM records WHERE source = ? AND {LAST_SEEN} < ?"
                     " AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.source = records.source AND e.key = records.key)",
                     (source, now - window - TOUCH_EVERY),
                 ).rowcount
@@ -376,13 +394,17 @@ class SqlLedger(ABC):
         return self._rows(f"SELECT {EXECUTION_COLUMNS} FROM executions WHERE {where} ORDER BY id DESC LIMIT ?", (*params, limit))
 
     def record(self, source: str, key: str) -> dict | None:
-        """A seen record: its id, version and when polls first and last showed it (last_seen lags by up to TOUCH_EVERY)."""
-        rows = self._rows("SELECT source, key, id, version, hash, first_seen, last_seen FROM records WHERE source = ? AND key = ?", (source, key))
+        """A seen record: its id, version, content hash (hex) and when polls first and last showed it
+        (last_seen lags by up to TOUCH_EVERY)."""
+        rows = self._rows(f"SELECT source, key, {RECORD_ID} AS id, version, hash, first_seen, {LAST_SEEN} AS last_seen FROM records"
+                          " WHERE source = ? AND key = ?", (source, key))
+        for row in rows:
+            row["hash"] = shown_hash(row["hash"])
         return rows[0] if rows else None
 
     def keys_of_id(self, id: str, limit: int = 20) -> list[tuple[str, str]]:
         """(source, key) of the seen records whose id is ``id`` (several under `dedupe = "id+updated"`), oldest first."""
-        return [tuple(r) for r in self._tuples("SELECT source, key FROM records WHERE id = ? ORDER BY first_seen LIMIT ?", (id, limit))]
+        return [tuple(r) for r in self._tuples(f"SELECT source, key FROM records WHERE {RECORD_ID} = ? ORDER BY first_seen LIMIT ?", (id, limit))]
 
     def executions_of(self, source: str, key: str) -> list[dict]:
         """Every execution of one record, oldest first, with its attempts."""

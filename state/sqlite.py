@@ -28,7 +28,7 @@ from state.base import (
     SCHEMA_VERSION, TOUCH_EVERY, Admission, Admitted, Execution, Finish, LeaseLost,
     LedgerBusy, LedgerDamaged, LedgerError, LedgerUnwritable, Renewed, chunks, new_worker_id,
 )
-from state.sql import IN_ACTIVE, SqlLedger, Statements
+from state.sql import IN_ACTIVE, LAST_SEEN, SqlLedger, Statements, kept_id
 
 _UNKNOWN = -1e308  # a version without a usable `updated` sorts before every dated one (a total order: no cycles)
 
@@ -300,8 +300,8 @@ class SqliteLedger(SqlLedger):
             result.duplicates = len(items) - len(fresh)
             self._touch(conn, source, {**again, **(shown or {})}, now)
             conn.executemany(
-                "INSERT INTO records (source, key, id, version, hash, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(source, a.key, a.id, a.version, a.hash, now, now) for a in fresh],
+                "INSERT INTO records (source, key, id, version, hash, first_seen) VALUES (?, ?, ?, ?, ?, ?)",
+                [(source, a.key, kept_id(a), a.version, a.hash, now) for a in fresh],
             )
             self.failpoint("inside_admit")
             scheduled = [a for a in fresh if not (a.prime or a.rekeyed)]
@@ -324,7 +324,7 @@ class SqliteLedger(SqlLedger):
         found: dict[str, float] = {}
         for chunk, marks in _chunks(keys):
             found.update(self._tuples(
-                f"SELECT key, COALESCE(last_seen, first_seen) FROM records WHERE source = ? AND key IN ({marks})", (source, *chunk)))
+                f"SELECT key, {LAST_SEEN} FROM records WHERE source = ? AND key IN ({marks})", (source, *chunk)))
         return found
 
     def _unseen(self, source: str, items: list[Admission]) -> tuple[list[Admission], dict[str, float]]:
@@ -381,9 +381,9 @@ class SqliteLedger(SqlLedger):
         with self.write(source) as conn:
             return conn.execute("INSERT INTO polls (source, started, pages, fetched, new, primed, quarantined) VALUES (?, ?, 0, 0, 0, 0, 0)", (source, now)).lastrowid
 
-    def known_content(self, source: str, hashes: set[str]) -> set[str]:
-        """The record hashes of ``hashes`` the ledger holds for this source (under any key)."""
-        found: set[str] = set()
+    def known_content(self, source: str, hashes: set[bytes]) -> set[bytes]:
+        """The content hashes of ``hashes`` the ledger holds for this source (under any key)."""
+        found: set[bytes] = set()
         for chunk, marks in _chunks(hashes):
             found.update(r[0] for r in self._tuples(
                 f"SELECT hash FROM records WHERE source = ? AND hash IN ({marks})", (source, *chunk)))

@@ -2,8 +2,12 @@
 ``state.base.SCHEMA_VERSIONS``. Imported only by an agent opening its ledger: operator commands read without it."""
 from __future__ import annotations
 
+import re
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
+
+from state.base import HASH_BYTES
 
 migrations = Migrations("sync-agent-ledger")
 
@@ -82,3 +86,33 @@ def m006_claim_indexes(db: Database) -> None:
     # are found without touching finished rows: millions of those cost the claim nothing (PostgreSQL has the same two)
     db.execute("CREATE INDEX executions_due ON executions (next_at, id) WHERE status IN ('pending', 'retrying', 'paused', 'running')")
     db.execute("CREATE INDEX executions_unfinished ON executions (flow, entity) WHERE status IN ('pending', 'retrying', 'paused', 'running')")
+
+
+_HEX_HASH = re.compile(r"[0-9a-fA-F]{%d}" % (2 * HASH_BYTES))
+
+
+def short_hash(value: object) -> bytes | None:
+    """A content hash kept as 64 hex digits before version 7, as the ledger keeps it since: the bytes of its first
+    HASH_BYTES; a value no agent wrote (not hex) becomes NULL: it never matched a record's content anyway."""
+    if isinstance(value, str) and _HEX_HASH.match(value):
+        return bytes.fromhex(value[:2 * HASH_BYTES])
+    return None
+
+
+@migrations()
+def m007_compact_records(db: Database) -> None:
+    # A seen record stays for as long as its view can show it, so these rows are most of a ledger. The content hash
+    # becomes HASH_BYTES raw bytes (in the row and in the re-keying index), the id is kept only where it is not the key,
+    # last_seen only where a later poll moved it. SQLite cannot change a column's type in place: the table is copied,
+    # in key order, so its pages and its key index come out full. One transaction, like every migration.
+    db.conn.create_function("short_hash", 1, short_hash, deterministic=True)
+    db.execute("ALTER TABLE records RENAME TO records_6")
+    db["records"].create(
+        {"source": str, "key": str, "id": str, "version": str, "hash": bytes, "first_seen": float, "last_seen": float},
+        pk=("source", "key"),
+    )
+    db.execute("INSERT INTO records (source, key, id, version, hash, first_seen, last_seen)"
+               " SELECT source, key, NULLIF(id, key), version, short_hash(hash), first_seen, NULLIF(last_seen, first_seen)"
+               " FROM records_6 ORDER BY source, key")
+    db.execute("DROP TABLE records_6")
+    db["records"].create_index(["source", "hash"])  # re-keying: a version known under the previous identity

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import psycopg
 import pytest
 
-from state.base import Admission, Execution, Finish, LeaseLost, Renewed
+from state.base import HASH_BYTES, TOUCH_EVERY, Admission, Execution, Finish, LeaseLost, Renewed
 
 NOW = 1_800_000_000.0
 LEASE = 30.0
@@ -83,7 +83,7 @@ def ledger(ledger_factory):
 
 
 def item(key: str, entity: str | None = None, at: float | None = None) -> Admission:
-    return Admission(key=key, id=key, version="", hash="h" + key, entity=entity or key,
+    return Admission(key=key, id=key, version="", hash=b"h" + key.encode(), entity=entity or key,
                      context={"record": {"id": key}}, version_at=at)
 
 
@@ -112,7 +112,25 @@ def test_admit_is_idempotent_one_execution_per_flow(ledger):
     assert (again.new, again.duplicates) == (0, 3)
     assert ledger.counts() == {"a": {"pending": 2}, "b": {"pending": 2}}
     assert ledger.seen("s", {"1", "2", "3"}).keys() == {"1", "2"}
-    assert ledger.known_content("s", {"h1", "h9"}) == {"h1"}
+    assert ledger.known_content("s", {b"h1", b"h9"}) == {b"h1"}
+
+
+def test_a_seen_record_is_kept_compact_and_read_back_whole(ledger_factory, ledger):
+    """The hash as 16 raw bytes (shown as hex); the id only where it is not the key; last_seen only once a later poll moved it."""
+    digest = bytes(range(HASH_BYTES))
+    by_id = Admission(key="S1", id="S1", version="2026-01-01T00:00:00Z", hash=digest, entity="R1", context={"record": {}})
+    by_version = Admission(key="S1@v2", id="S1", version="v2", hash=digest[::-1], entity="R1", context={"record": {}})
+    ledger.admit("s", [by_id, by_version], [], NOW)
+    assert sorted((key, id, bytes(hash), last_seen) for key, id, hash, last_seen in ledger_factory.sql(
+        "SELECT key, id, hash, last_seen FROM records")) == [("S1", None, digest, None), ("S1@v2", "S1", digest[::-1], None)]
+    assert ledger.record("s", "S1") == {"source": "s", "key": "S1", "id": "S1", "version": "2026-01-01T00:00:00Z",
+                                        "hash": digest.hex(), "first_seen": NOW, "last_seen": NOW}
+    assert sorted(ledger.keys_of_id("S1")) == [("s", "S1"), ("s", "S1@v2")]  # the id read back where only the key holds it
+    assert ledger.known_content("s", {digest, digest[::-1], bytes(HASH_BYTES)}) == {digest, digest[::-1]}
+    later = NOW + TOUCH_EVERY + 1
+    ledger.admit("s", [], [], later, shown=ledger.seen("s", {"S1"}))
+    assert ledger.seen("s", {"S1", "S1@v2"}) == {"S1": later, "S1@v2": NOW}
+    assert ledger.record("s", "S1")["last_seen"] == later
 
 
 def test_priming_marks_seen_without_work(ledger):
@@ -697,7 +715,7 @@ def test_a_replayed_upstream_starts_its_chained_flow_under_a_replay_number_not_u
 def test_work_given_back_unstarted_spends_no_attempt(ledger_factory):
     """Claimed ahead, then given back before its send (a stop, a poll due, a lease too short): its attempt count is as before."""
     led = ledger_factory.open()
-    led.admit("s", [Admission(key="k", id="k", version="", hash="h", entity="k", context={"record": {}})], [("f", False)], NOW)
+    led.admit("s", [Admission(key="k", id="k", version="", hash=b"h", entity="k", context={"record": {}})], [("f", False)], NOW)
     [ex] = led.claim(NOW, 1, 300)
     led.finish(ex, Finish("pending", ex.step, ex.context, next_at=NOW), NOW)
     [again] = led.claim(NOW + 1, 1, 300)
