@@ -20,7 +20,7 @@ import time
 from typing import Iterator
 
 from common import PAGE, Row, human, main, scratch, timed
-from state.base import Admission
+from state.base import HASH_BYTES, Admission
 from state.sqlite import SqliteLedger as Ledger
 from viewserver import make_leads
 
@@ -38,7 +38,7 @@ def pages(n: int) -> Iterator[list[Admission]]:
         for i, lead in enumerate(template):
             key = f"S{p:06d}{i:04d}"
             record = {**lead, "lastSubmissionID": key, "RecordId": f"R{p:06d}{i:04d}"}
-            items.append(Admission(key=key, id=key, version=record["lastModified"], hash=hashlib.sha256(key.encode()).hexdigest(),
+            items.append(Admission(key=key, id=key, version=record["lastModified"], hash=hashlib.sha256(key.encode()).digest()[:HASH_BYTES],
                                    entity=record["RecordId"], context={"record": record, "cursor": None}))
         yield items
 
@@ -46,7 +46,7 @@ def pages(n: int) -> Iterator[list[Admission]]:
 def _rows(items: list[Admission]) -> tuple[list[tuple], list[tuple]]:
     """The records and executions rows the ledger writes for a page."""
     flow = FLOWS[0][0]
-    records = [(SOURCE, a.key, a.id, a.version, a.hash, NOW) for a in items]
+    records = [(SOURCE, a.key, None, a.version, a.hash, NOW) for a in items]  # as the ledger keeps them (id is the key)
     executions = [(flow, SOURCE, a.key, a.entity, NOW, json.dumps(a.context, ensure_ascii=True, separators=(",", ":")), NOW, NOW)
                   for a in items]
     return records, executions

@@ -343,8 +343,8 @@ def _prefill(path: Path, held: int, rng: random.Random) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN IMMEDIATE")
     for start in range(0, held, 10_000):
-        rows = [(SOURCE, k, k, "2026-11-01T10:00:00Z", k + k, 1.7e9, 1.7e9) for k in (_key(rng) for _ in range(min(10_000, held - start)))]
-        conn.executemany("INSERT INTO records (source, key, id, version, hash, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        rows = [(SOURCE, k, None, "2026-11-01T10:00:00Z", bytes.fromhex(k), 1.7e9) for k in (_key(rng) for _ in range(min(10_000, held - start)))]
+        conn.executemany(RECORDS_SQL, rows)
     conn.execute("COMMIT")
     conn.close()
 
@@ -356,7 +356,7 @@ def _bare_conn(path: Path) -> sqlite3.Connection:
     return conn
 
 
-RECORDS_SQL = "INSERT INTO records (source, key, id, version, hash, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?)"
+RECORDS_SQL = "INSERT INTO records (source, key, id, version, hash, first_seen) VALUES (?, ?, ?, ?, ?, ?)"
 EXECUTIONS_SQL = ("INSERT INTO executions (flow, source, key, entity, step, status, attempts, next_at, context, created, updated,"
                   " version_at, version) VALUES (?, ?, ?, ?, 0, 'pending', 0, ?, ?, ?, ?, ?, ?)")
 
@@ -383,9 +383,9 @@ def admit_figures(held: int, n: int) -> tuple[list[float], list[float], dict]:
                 items = []
                 for i in range(PAGE):
                     k = _key(rng)
-                    items.append(Admission(key=k, id=k, version="2026-11-01T10:00:00Z", hash=k + k, entity=f"R{p * PAGE + i:09d}",
+                    items.append(Admission(key=k, id=k, version="2026-11-01T10:00:00Z", hash=bytes.fromhex(k), entity=f"R{p * PAGE + i:09d}",
                                            context={"record": _lead(k, p * PAGE + i)}))
-                records = [(SOURCE, a.key, a.id, a.version, a.hash, now, now) for a in items]
+                records = [(SOURCE, a.key, None, a.version, a.hash, now) for a in items]  # as the ledger keeps them (id is the key)
                 started = time.perf_counter()
                 executions = [(FLOW, SOURCE, a.key, a.entity, now, to_json(a.context), now, now, None, 1) for a in items]
                 dumping += time.perf_counter() - started
