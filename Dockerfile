@@ -23,6 +23,9 @@ COPY sources ./sources
 COPY sinks ./sinks
 COPY state ./state
 RUN python3 -m venv .venv && .venv/bin/pip install -q -e .
+# Bytecode now, once: PYTHONDONTWRITEBYTECODE above keeps it from being written at run time, and without it every
+# `agent status` of the HEALTHCHECK would compile the agent's modules from source again (about 35 ms each time).
+RUN .venv/bin/python -m compileall -q agent durations sources sinks state
 
 # An unprivileged user of its own; the volume belongs to it (a bind-mounted folder must be writable by uid 10001).
 RUN useradd --system --uid 10001 --user-group --home-dir /data --no-create-home --shell /usr/sbin/nologin agent \

@@ -5,7 +5,15 @@ Stop signals are caught first thing, before any heavy import: until `run` and
 SIGTERM, SIGINT or SIGHUP ends the command at once, with exit status 0.
 Output into a pipe whose reader has gone (``agent executions | head``) ends
 quietly too.
+
+The cyclic garbage collector is off while the command starts: imports and the
+config build many objects that live as long as the process, and collecting
+among them found next to nothing (some hundred objects) but cost about 8 ms of
+`agent status` (a health check that runs every minute). The CLI turns it back on, with those objects frozen,
+before the command's own work (``agent.cli.main``). At the end they are frozen
+again, so the interpreter's exit does not walk them all once more (about 20 ms).
 """
+import gc
 import os
 import signal
 import sys
@@ -30,12 +38,14 @@ def _ignore_stops() -> None:
 
 def run() -> int:
     """The CLI's exit status; the CLI is imported in here, so a stop during its imports is caught too."""
+    gc.disable()  # see the module docstring; the CLI enables it again
     for signum in STOPS:
         signal.signal(signum, _stop_now)
     try:
         return _run()
     finally:
         _ignore_stops()  # the command has ended: a late stop changes nothing, and must not print a traceback
+        gc.freeze()  # everything left is freed by the exit itself: no last collection over it
 
 
 def _run() -> int:

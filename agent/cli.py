@@ -13,6 +13,7 @@ start fast (bench/startup.py measures it).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -181,6 +182,7 @@ def _main(argv: list[str] | None) -> int:
         return USAGE
     out = _printer(config)
     logs.setup(config.agent.log_level, config.agent.log_format, sink=sys.stderr, mask=out.mask)  # today's stderr, which a caller may have redirected
+    _collect_from_now_on()
     try:
         return COMMANDS[args.command](config, args)
     except ConfigError as error:
@@ -192,6 +194,17 @@ def _main(argv: list[str] | None) -> int:
     except LedgerError as error:
         print(f"agent: {out.text(error)}", file=sys.stderr)
         return LEDGER
+
+
+def _collect_from_now_on() -> None:
+    """Turn the garbage collector back on if the `agent` command started with it off (agent/__main__.py).
+
+    What start-up built (modules, classes, the config) lives as long as the process: frozen, no collection
+    ever walks it again, in a short command or in months of `agent run` (the few hundred objects start-up
+    left unreachable are frozen with it: some kB, once)."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _agent(config: Config):
@@ -206,7 +219,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     agent = _agent(config)
     try:
         if args.once:
-            return _once(agent, agent.poll_all())
+            return _once(agent, *agent.once(agent.poll_all))
         from agent.endpoint import serving  # late: only a running agent serves [agent] listen
 
         with serving(agent):  # a port in use is a config error: exit 2
@@ -222,7 +235,7 @@ def cmd_poll(config: Config, args: argparse.Namespace) -> int:
     run = _run_params(args.param)
     agent = _agent(config)
     try:
-        return _once(agent, [agent.poll(args.source, run=run or None)])
+        return _once(agent, *agent.once(lambda: [agent.poll(args.source, run=run or None)]))
     finally:
         agent.close()
 
@@ -255,9 +268,8 @@ def _on_stop(stopping: threading.Event) -> None:
         signal.signal(signum, stop)
 
 
-def _once(agent, polls) -> int:
+def _once(agent, polls, drained) -> int:
     out = _printer(agent.config)
-    drained = agent.drain()
     waiting, paused = agent.waiting()
     failed_polls = [p for p in polls if p.error]
     summary = {

@@ -13,7 +13,7 @@ the other executions waiting (``paused``) without spending attempts:
   the paused ones once (``take_put_back``): the refusal was the connector's.
 - unreachable: no connection could be made; probed after UNREACHABLE_PROBE
   seconds, doubling up to PAUSE_PROBE. Its waiting executions' error starts
-  with ``unreachable_reason(connector)``, which is how `status` counts them.
+  with ``unreachable_reason(connector)`` (agent.health), which is how `status` counts them.
 
 An action's output is kept whole only when a later step of the flow mentions
 ``steps`` (or a flow chained after this one mentions ``upstream``); otherwise at
@@ -42,6 +42,7 @@ from loguru import logger
 from pydantic import ValidationError
 
 from agent.config import ActionStep, Config, FilterStep, FlowConfig, MapStep
+from agent.health import unreachable_reason
 from agent.retry import RetryPolicy
 from agent.templates import RenderError, StepOutputs, Templates, split_outside_tags, templates_of
 from sinks.base import Action, Connector, Outcome
@@ -53,11 +54,6 @@ UNREACHABLE_PROBE = 5.0  # the first wait before an unreachable connector is tri
 OUTPUT_EXCERPT = 4096  # characters of an action's output kept when no later step reads it
 _STEPS = re.compile(r"(?<![\w.])steps\b")  # a template naming `steps` (an attribute `.steps` is something else)
 _UPSTREAM = re.compile(r"(?<![\w.])upstream\b")  # a template of a chained flow naming its upstream's outputs
-
-
-def unreachable_reason(connector: str) -> str:
-    """How the error of every execution waiting for an unreachable connector begins."""
-    return f"connector {connector!r} is unreachable"
 
 
 @dataclass

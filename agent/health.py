@@ -19,10 +19,14 @@ if TYPE_CHECKING:  # `agent status` imports this module: only what it needs, whe
 STALE_AFTER = 3  # intervals without a good poll
 
 
+def unreachable_reason(connector: str) -> str:
+    """How the error of every execution waiting for an unreachable connector begins (the flow runner writes it, status counts it)."""
+    return f"connector {connector!r} is unreachable"
+
+
 def assess(config: Config, ledger: Ledger, now: float) -> dict[str, Any]:
     """The status report (config, sources, flows, connectors, ledger) with ``healthy`` and its ``reasons``."""
     from agent import versions
-    from agent.flows import unreachable_reason  # late: `agent status` stays light
 
     current = versions.of(config).hash
     recorded = ledger.config_versions()

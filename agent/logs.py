@@ -3,6 +3,9 @@
 Also the helpers every printer for people uses: ``printable`` (a value on one
 line, nothing a terminal would interpret) and ``terminal_json`` (JSON text
 that stays valid JSON and is just as safe).
+
+loguru is imported when logging is set up, not with this module: a config
+error is printed without it.
 """
 from __future__ import annotations
 
@@ -11,8 +14,6 @@ import logging
 import re
 import sys
 from typing import Callable
-
-from loguru import logger
 
 from agent.secrets import Masker, masked
 
@@ -58,6 +59,8 @@ def setup(level: str = "INFO", fmt: str = "text", secrets: list[str] | None = No
         sink.write(_masked_json(message, mask) if fmt == "json" else printable_lines(mask(message)))
         sink.flush()
 
+    from loguru import logger
+
     logger.remove()
     logger.configure(patcher=patch)
     logger.add(write, level=level, format=TEXT, serialize=(fmt == "json"), backtrace=False, diagnose=False)
@@ -68,6 +71,8 @@ class _ToLoguru(logging.Handler):
     """Standard-library log records (psycopg's pool logs this way) as loguru lines: the same format, the same masking."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        from loguru import logger
+
         try:
             level: str | int = logger.level(record.levelname).name
         except ValueError:

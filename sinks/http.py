@@ -79,10 +79,14 @@ checked between chunks, each socket read waits at most the time left, and a
 watchdog cuts the connection of a call still blocked at the deadline (a server
 dripping its headers a byte at a time). Of a 2xx answer at most MAX_RESPONSE
 bytes are read, of an error answer only enough for its excerpt.
+
+requests and urllib3 are imported where a request is made, not with this
+module: loading the config model (`agent status`) does not pay for them.
 """
 from __future__ import annotations
 
 import email.utils
+import functools
 import heapq
 import io
 import itertools
@@ -96,18 +100,17 @@ import time
 from dataclasses import dataclass, replace
 from datetime import timezone
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 from urllib.parse import quote, urlsplit
 
-import requests
-import requests.adapters
-import urllib3
-import urllib3.connection
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationInfo, WithJsonSchema,
                       create_model, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from sinks.base import Action, ActionError, ConnectorConfig, Outcome, Renderer, Reply, SinkError, Timeout, header_safe
+
+if TYPE_CHECKING:
+    import requests
 
 METHODS = {
     "create": "POST",
@@ -126,8 +129,6 @@ ERROR_CHARS = 300
 MAX_RESPONSE = 1024 * 1024  # bytes of a 2xx answer read at most: a sink answering more fails the step
 ERROR_READ = 16 * 1024  # bytes of an error answer read: enough for its excerpt
 CHUNK = 64 * 1024
-# Every requests exception is an OSError too, so a bare socket error is told apart from them in classify.
-CONNECTION_ERRORS = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.S)  # where a template's literal text is interrupted
 
@@ -503,6 +504,8 @@ class HttpConnector:
 
     def dry_run(self, action: Action, data: dict[str, Any], key: str) -> Outcome:
         """Everything run does up to the network: succeeded with the requests it would send, or the failure it meets first."""
+        import requests
+
         recorder = _Recorder()
         with requests.Session() as session:
             session.auth, session.headers = self.session.auth, self.session.headers.copy()
@@ -678,6 +681,9 @@ class HttpConnector:
         left = call.left()
         if left <= 0:
             return Outcome("retryable", error=f"{what}: timed out", condition="timeout")
+        import requests
+        import urllib3
+
         headers = {"Accept": "application/json", **self.config.headers, self.config.idempotency_header: key}
         try:
             response = self.session.request(
@@ -745,17 +751,24 @@ def read_answer(response: requests.Response, call: _Call) -> Answer:
                 raise TimeoutError("the deadline passed while the body was read")
     finally:
         response.close()  # a body not read to its end closes the connection instead of returning it to the pool
-    encoding = requests.utils.get_encoding_from_headers(response.headers)
+    from requests.utils import get_encoding_from_headers
+
+    encoding = get_encoding_from_headers(response.headers)
     return Answer(response.status_code, response.reason or "", response.headers, b"".join(parts)[:limit], encoding, whole)
 
 
 def classify(what: str, result: Answer | BaseException, now: float) -> Outcome:
     """The one place where a response or a request exception becomes an Outcome."""
+    import requests
+    import urllib3
+
+    # Every requests exception is an OSError too, so a bare socket error is told apart from them below.
+    connection_errors = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)
     if isinstance(result, (requests.exceptions.SSLError, ssl.SSLError)):
         return Outcome("paused", error=_cut(f"{what}: TLS failed ({reason(result)}); check the certificate or the URL"), condition="tls")
     if isinstance(result, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
         return Outcome("retryable", error=f"{what}: timed out", condition="timeout", unreachable=unreachable(result))
-    if isinstance(result, CONNECTION_ERRORS) or (isinstance(result, OSError) and not isinstance(result, requests.RequestException)):
+    if isinstance(result, connection_errors) or (isinstance(result, OSError) and not isinstance(result, requests.RequestException)):
         return Outcome("retryable", error=_cut(f"{what}: connection failed ({reason(result)})"), condition="connection", unreachable=unreachable(result))
     if isinstance(result, BaseException):
         return Outcome("failed", error=_cut(f"{what}: request not sent ({type(result).__name__}: {reason(result)})"), condition="request")
@@ -799,15 +812,17 @@ def _excerpt_of(body: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-class _Recorder(requests.adapters.BaseAdapter):
-    """A transport that keeps each request and sends nothing: every answer is an empty 404 (a lookup that finds nothing)."""
+class _Recorder:
+    """A transport (requests' adapter contract: send, close) that keeps each request and sends nothing: every answer is
+    an empty 404 (a lookup that finds nothing)."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.sent: list[requests.PreparedRequest] = []
 
     def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None, verify: Any = True,
              cert: Any = None, proxies: Any = None) -> requests.Response:
+        import requests
+
         self.sent.append(request)
         response = requests.Response()
         response.status_code, response.reason, response.url, response.request = 404, "Not Sent (dry run)", request.url, request
@@ -849,13 +864,14 @@ def excerpt(answer: Answer, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-_UNREACHABLE = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError, requests.ConnectTimeout,
-                ConnectionRefusedError, socket.gaierror)
-
-
 def unreachable(exc: BaseException) -> bool:
     """Whether the connection itself could not be made (refused, unknown host, connect timeout): nothing was sent."""
-    return any(isinstance(cause, _UNREACHABLE) for cause in _causes(exc))
+    import requests
+    import urllib3
+
+    no_connection = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError, requests.ConnectTimeout,
+                     ConnectionRefusedError, socket.gaierror)
+    return any(isinstance(cause, no_connection) for cause in _causes(exc))
 
 
 def retry_after(value: str | None, now: float) -> float | None:
@@ -1007,20 +1023,25 @@ class _Cuttable:
             call.socks.append(self.sock)  # type: ignore[attr-defined]
 
 
-class _HTTPConnection(_Cuttable, urllib3.connection.HTTPConnection):
-    pass
+@functools.cache
+def _cuttable_pools() -> dict[str, type]:
+    """urllib3's connection pools by scheme, on _Cuttable connections; made once, by the first connector (urllib3 comes with its session)."""
+    import urllib3
+    import urllib3.connection
 
+    class _HTTPConnection(_Cuttable, urllib3.connection.HTTPConnection):
+        pass
 
-class _HTTPSConnection(_Cuttable, urllib3.connection.HTTPSConnection):
-    pass
+    class _HTTPSConnection(_Cuttable, urllib3.connection.HTTPSConnection):
+        pass
 
+    class _HTTPPool(urllib3.HTTPConnectionPool):
+        ConnectionCls = _HTTPConnection
 
-class _HTTPPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
+    class _HTTPSPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = _HTTPSConnection
 
-
-class _HTTPSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
+    return {"http": _HTTPPool, "https": _HTTPSPool}
 
 
 def _watch(session: requests.Session) -> None:
@@ -1028,4 +1049,4 @@ def _watch(session: requests.Session) -> None:
     for adapter in session.adapters.values():
         manager = getattr(adapter, "poolmanager", None)
         if manager is not None:
-            manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+            manager.pool_classes_by_scheme = dict(_cuttable_pools())

@@ -31,7 +31,6 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -174,6 +173,8 @@ def _unique_name(now: float) -> str:
 
 def _message_ids(root: int, path: Path) -> Iterator[str]:
     """The Message-ID of every message in a Maildir, reading headers only, never through a link."""
+    from email.parser import BytesHeaderParser  # here: loading the config (`agent status`) needs no parser
+
     parser = BytesHeaderParser()
     for sub in ("new", "cur"):  # new first: a reader moving new -> cur meanwhile is still seen in cur
         with _folder(sub, root, path) as folder, os.scandir(folder) as entries:

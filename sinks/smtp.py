@@ -33,24 +33,33 @@ Outcomes (``status_code`` holds the SMTP reply code, ``error`` the reply)::
 Every recipient refused is classified by the most hopeful code (paused, then
 retryable, then failed); some refused is a success that lists them in
 ``output["refused"]``.
+
+smtplib is imported at the first connection, not with this module:
+loading the config model (`agent status`) does not pay for it. The classes
+built on smtplib's (``DeadlinePassed``, ``HostileReply``, ``BoundedSMTP``,
+``BoundedSMTP_SSL``) are made then too, once (``_smtplib_classes()``).
 """
 from __future__ import annotations
 
 import errno
+import functools
 import math
-import smtplib
 import socket
 import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from loguru import logger
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from sinks.base import Action, ActionError, ConnectorConfig, Outcome, SinkError, Timeout
 from sinks.message import SEND, InvalidMessage, Mail, MessageInput, Sender, compose
+
+if TYPE_CHECKING:
+    import smtplib
 
 REFUSAL_HOLD = 30.0  # seconds a refused login/TLS answers `paused` without connecting (below the agent's 60 s probe)
 REPLY_LINES = 100  # lines in one reply; EHLO lists a dozen extensions, a server sending more is hostile
@@ -87,14 +96,6 @@ class SmtpConfig(ConnectorConfig):
         return {SEND: MessageInput}
 
 
-class DeadlinePassed(smtplib.SMTPServerDisconnected):
-    """The dialogue of one message took longer than ``timeout``; the connection is closed."""
-
-
-class HostileReply(smtplib.SMTPServerDisconnected):
-    """A reply longer than any SMTP server sends; the connection is closed."""
-
-
 class Unreachable(ConnectionError):
     """No connection could be made (refused, unknown host): nothing reached the server."""
 
@@ -117,7 +118,7 @@ class _Bounded:
         left = self.deadline - time.monotonic()
         if left <= 0:
             self.close()
-            raise DeadlinePassed("timed out: the dialogue took longer than timeout")
+            raise _smtplib_classes().DeadlinePassed("timed out: the dialogue took longer than timeout")
         if self.sock is not None:
             self.sock.settimeout(left)
         return left
@@ -141,7 +142,7 @@ class _Bounded:
             size += len(line)
             if len(line) > _MAXLINE or len(lines) >= REPLY_LINES or size > REPLY_BYTES:
                 self.close()
-                raise HostileReply(f"a reply over {REPLY_LINES} lines or {REPLY_BYTES // 1024} KB; is this an SMTP server?")
+                raise _smtplib_classes().HostileReply(f"a reply over {REPLY_LINES} lines or {REPLY_BYTES // 1024} KB; is this an SMTP server?")
             lines.append(line[4:].strip(b" \t\r\n"))
             try:
                 code = int(line[:3])
@@ -153,6 +154,8 @@ class _Bounded:
 
     def _readline(self) -> bytes:
         """One reply line (at most _MAXLINE + 1 bytes), each socket read bounded by the time left."""
+        import smtplib
+
         line = b""
         while True:
             self._time_left()
@@ -173,23 +176,36 @@ class _Bounded:
                 return line
 
 
-class BoundedSMTP(_Bounded, smtplib.SMTP):
-    """Plain SMTP (STARTTLS follows) within a deadline."""
+@functools.cache
+def _smtplib_classes() -> SimpleNamespace:
+    """The classes built on smtplib's, made once, when the first connection needs them."""
+    import smtplib
+
+    class DeadlinePassed(smtplib.SMTPServerDisconnected):
+        """The dialogue of one message took longer than ``timeout``; the connection is closed."""
+
+    class HostileReply(smtplib.SMTPServerDisconnected):
+        """A reply longer than any SMTP server sends; the connection is closed."""
+
+    class BoundedSMTP(_Bounded, smtplib.SMTP):
+        """Plain SMTP (STARTTLS follows) within a deadline."""
+
+    class BoundedSMTP_SSL(_Bounded, smtplib.SMTP_SSL):
+        """SMTP over implicit TLS within a deadline."""
+
+    return SimpleNamespace(DeadlinePassed=DeadlinePassed, HostileReply=HostileReply, BoundedSMTP=BoundedSMTP, BoundedSMTP_SSL=BoundedSMTP_SSL)
 
 
-class BoundedSMTP_SSL(_Bounded, smtplib.SMTP_SSL):
-    """SMTP over implicit TLS within a deadline."""
-
-
-SmtpFactory = Callable[[SmtpConfig, ssl.SSLContext | None, float], smtplib.SMTP]
+if TYPE_CHECKING:
+    SmtpFactory = Callable[[SmtpConfig, ssl.SSLContext | None, float], smtplib.SMTP]
 
 
 def connect(config: SmtpConfig, context: ssl.SSLContext | None, timeout: float) -> smtplib.SMTP:
     """Open a connection (implicit TLS for ``security = "ssl"``) within ``timeout`` seconds; STARTTLS and login are the connector's."""
     deadline = time.monotonic() + timeout
     if config.security == "ssl":
-        return BoundedSMTP_SSL(config.host, config.port, context=context, deadline=deadline)
-    return BoundedSMTP(config.host, config.port, deadline=deadline)
+        return _smtplib_classes().BoundedSMTP_SSL(config.host, config.port, context=context, deadline=deadline)
+    return _smtplib_classes().BoundedSMTP(config.host, config.port, deadline=deadline)
 
 
 class SmtpConnector:
@@ -216,6 +232,8 @@ class SmtpConnector:
             mail = compose(data, sender=self.config.sender, key=key, now=self._clock())
         except InvalidMessage as exc:
             return Outcome("failed", error=str(exc))
+        import smtplib
+
         with self._lock:
             if self._refusal is not None and self._clock() < self._refusal[0]:
                 return self._refusal[1]  # calls queued behind a refused login do not log in again
@@ -256,6 +274,8 @@ class SmtpConnector:
 
     def _send(self, mail: Mail, deadline: float) -> dict[str, tuple[int, bytes]]:
         """One SMTP transaction by the deadline; a reused connection the server let go is reopened once."""
+        import smtplib
+
         reused = self._smtp is not None and self._smtp.sock is not None
         smtp = self._connection(deadline)
         try:
@@ -278,7 +298,7 @@ class SmtpConnector:
         """Connect, STARTTLS when configured (never falling back to plain text), log in; all by the deadline."""
         left = deadline - time.monotonic()
         if left <= 0:
-            raise DeadlinePassed("timed out: the dialogue took longer than timeout")
+            raise _smtplib_classes().DeadlinePassed("timed out: the dialogue took longer than timeout")
         try:
             smtp = self._factory(self.config, self._context, left)
         except OSError as exc:
@@ -325,7 +345,9 @@ def _let_go(exc: OSError, smtp: smtplib.SMTP) -> bool:
     was accepted the server may hold the message, and after a timeout it may
     still be working on it: both are left to the retry policy.
     """
-    if getattr(smtp, "data_accepted", False) or _timed_out(exc) or isinstance(exc, HostileReply):
+    import smtplib
+
+    if getattr(smtp, "data_accepted", False) or _timed_out(exc) or isinstance(exc, _smtplib_classes().HostileReply):
         return False
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return any(code == 421 for code, _ in exc.recipients.values())
@@ -336,11 +358,13 @@ def _let_go(exc: OSError, smtp: smtplib.SMTP) -> bool:
 
 def _timed_out(exc: BaseException) -> bool:
     """Whether an exception is (or was raised from) a timeout."""
-    return isinstance(exc, (DeadlinePassed, TimeoutError)) or isinstance(exc.__context__, TimeoutError)
+    return isinstance(exc, (_smtplib_classes().DeadlinePassed, TimeoutError)) or isinstance(exc.__context__, TimeoutError)
 
 
 def classify(exc: OSError | ValueError, server: str) -> Outcome:
     """What the caller does next after an SMTP or socket exception (SMTPException is an OSError)."""
+    import smtplib
+
     if not isinstance(exc, OSError):  # a ValueError: smtplib could not read a reply (an AUTH challenge that is not base64)
         return Outcome("retryable", error=f"{server}: smtplib cannot read the server's reply ({type(exc).__name__}: {exc})", condition="connection")
     if isinstance(exc, Unreachable):

@@ -28,23 +28,29 @@ each read: a view that drips bytes fails the poll when it passes. The body is
 streamed and inflated as it arrives, and a page over ``max_page_bytes``
 (counted after decompression) or ``max_records_per_page`` fails the poll
 before more memory is spent; nothing of that page is admitted.
+
+requests, urllib3 and queue are imported when a source is built or a page
+fetched, not with this module: loading the config model (`agent status`)
+does not pay for them.
 """
 from __future__ import annotations
 
-import queue
 import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Iterator, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Literal, Union
 from urllib.parse import SplitResult, urljoin, urlsplit
 
-import requests
-import urllib3
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sources.base import Page, PageError, SourceConfig, Timeout, counted, dig, parse_json
+
+if TYPE_CHECKING:
+    import queue
+
+    import requests
 
 
 @dataclass
@@ -89,6 +95,8 @@ class _Worker:
     IDLE_EXIT = 30.0  # seconds without a job before the thread ends (the next job starts another)
 
     def __init__(self):
+        import queue
+
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = threading.Event()
@@ -117,6 +125,8 @@ class _Worker:
         return outcome
 
     def _loop(self) -> None:
+        import queue
+
         while True:
             try:
                 job, outcome, done = self._jobs.get(timeout=self.IDLE_EXIT)
@@ -427,6 +437,8 @@ class RestSource:
 
     def _exchange(self, url: str, params: dict[str, str], where: str, number: int, stop: threading.Event, deadline: float) -> _Answer:
         """One request and its body, streamed under the size cap; every failure a PageError."""
+        import requests  # loaded by the session already: a lookup
+
         answers: list[requests.Response] = []  # requests parses a redirect's Location even when not following it
         try:
             with self.session.get(url, params=params or None, timeout=max(deadline - time.monotonic(), 0.001), allow_redirects=False,
@@ -445,6 +457,8 @@ class RestSource:
 
     def _body(self, response: requests.Response, where: str, number: int, stop: threading.Event, wanted: bool) -> bytearray:
         """The body, inflated as it arrives and refused once over `max_page_bytes`; of an error page only its start."""
+        import urllib3  # loaded by the session already: a lookup
+
         cap = self.config.max_page_bytes if wanted else _ERROR_EXCERPT
         if wanted and response.headers.get("Content-Encoding", "identity") == "identity" and _length(response) > cap:
             raise self._over(where, number)  # announced: refused before a byte of it is read

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from viewserver import make_leads
+from viewserver import ViewServer, make_leads
 
 HEAVY = ("pydantic", "pydantic_settings", "jinja2", "sqlite_utils", "loguru", "requests", "schedule",
          "agent.config", "agent.process", "state.sqlite")
@@ -88,6 +88,135 @@ def test_an_unknown_status_filter_lists_the_known_ones(tmp_path, cli):
     cli("--config", str(cfg), "run", "--once")
     status, out, err = cli("--config", str(cfg), "executions", "--status", "done")
     assert status == 2 and "'done' is not a status" in err and "succeeded" in err and "quarantined" in err
+
+
+# -- `agent status`, the health check: what it loads, and the garbage collector at start and exit ---------------
+
+ROOT = Path(__file__).resolve().parent.parent
+# What `status` on the sample config needs none of: the email parser came with the mailbox connector (it reads a
+# Maildir's headers when it first sends, not when the config loads), the flow runner with the health rule.
+NOT_FOR_STATUS = ("email.parser", "email.feedparser", "agent.process", "agent.poller", "agent.flows", "requests")
+# What a real config's plugin modules use to talk, not to describe their config: `status` talks to no one.
+NOT_FOR_REAL_STATUS = ("requests", "urllib3", "smtplib", "queue", "agent.flows", "agent.process", "agent.http")
+REAL = """
+[agent]
+ledger = "var/agent.db"
+
+[sources.leads]
+kind = "rest"
+url = "{view}"
+id = "lastSubmissionID"
+updated = "lastModified"
+params = {{ since = "{{{{ cursor }}}}" }}
+auth = {{ kind = "basic", username = "integration", password = "${{VIEW_PASSWORD:-unused}}" }}
+paging = {{ kind = "page", param = "page", size_param = "pageSize", size = 10, start = 1 }}
+
+[connectors.crm]
+kind = "http"
+base_url = "http://127.0.0.1:9/api"
+auth = {{ kind = "bearer", token = "${{CRM_TOKEN:-unused}}" }}
+[connectors.crm.objects.leads]
+path = "/leads"
+key = "email"
+
+[connectors.mail]
+kind = "smtp"
+host = "127.0.0.1"
+port = 9
+security = "none"
+sender = "sync-agent@example.invalid"
+
+[[flows]]
+name = "to-crm"
+source = "leads"
+  [[flows.steps]]
+  kind = "action"
+  action = "crm > leads > upsert"
+  body = {{ email = "{{{{ record.Email }}}}" }}
+
+[[flows]]
+name = "to-mail"
+source = "leads"
+  [[flows.steps]]
+  kind = "action"
+  action = "mail > message > send"
+  to = "sales@example.invalid"
+  subject = "New lead: {{{{ record.FirstName }}}}"
+  text = "{{{{ record | tojson }}}}"
+"""
+
+
+def sample(folder: Path) -> Path:
+    """The repository's own agent.toml (a file source; file and mailbox connectors) and its view, run once."""
+    (folder / "examples").mkdir()
+    (folder / "examples" / "leads.json").write_bytes((ROOT / "examples" / "leads.json").read_bytes())
+    (folder / "agent.toml").write_bytes((ROOT / "agent.toml").read_bytes())
+    done = subprocess.run([sys.executable, "-m", "agent", "run", "--once"], cwd=folder, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return folder / "agent.toml"
+
+
+def fresh(code: str, cwd: Path) -> dict:
+    """Run ``code`` in a fresh interpreter; its last line of output is JSON, given back."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_status_on_the_sample_config_loads_neither_the_email_parser_nor_the_agent_loop(tmp_path):
+    sample(tmp_path)
+    report = fresh("import json, sys\nfrom agent.cli import main\nstatus = main(['status'])\n"
+                   "print(json.dumps({'status': status, 'modules': sorted(sys.modules)}))", cwd=tmp_path)
+    assert report["status"] == 0
+    assert not set(NOT_FOR_STATUS) & set(report["modules"]), set(NOT_FOR_STATUS) & set(report["modules"])
+    assert {"loguru", "jinja2"} <= set(report["modules"])  # logging is set up, and the templates are checked, as before
+
+
+def test_status_on_a_rest_http_smtp_config_loads_no_http_or_smtp_library(tmp_path):
+    """The plugin modules are loaded for their config models; what they send with comes only when they send."""
+    with ViewServer(make_leads(25), paging="page", page_size=10) as view:  # the first poll primes the ledger, nothing is sent
+        (tmp_path / "agent.toml").write_text(REAL.format(view=view.url))
+        done = subprocess.run([sys.executable, "-m", "agent", "run", "--once"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+    report = fresh("import json, sys\nfrom agent.cli import main\nstatus = main(['status'])\n"
+                   "print(json.dumps({'status': status, 'modules': sorted(sys.modules)}))", cwd=tmp_path)
+    assert report["status"] == 0  # the view is gone: status asks no one
+    assert {"sources.rest", "sinks.http", "sinks.smtp"} <= set(report["modules"])  # the config models were loaded and checked
+    assert not set(NOT_FOR_REAL_STATUS) & set(report["modules"]), set(NOT_FOR_REAL_STATUS) & set(report["modules"])
+
+
+def test_a_config_error_is_still_found_by_status_with_file_and_key(tmp_path):
+    cfg = sample(tmp_path)
+    cfg.write_text(cfg.read_text().replace('subject = "New lead: {{ record.FirstName }}', 'subject = "New lead: {{ record.FirstName }'))
+    done = subprocess.run([sys.executable, "-m", "agent", "status"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("agent.toml: flows[0].steps[3].subject: ") and "not a valid template" in done.stderr
+
+
+def test_the_agent_command_starts_without_collecting_and_leaves_nothing_to_collect_at_exit(tmp_path):
+    """Start-up (imports, config) runs with the collector off; the command runs with it on, start-up's objects frozen;
+    at the end everything is frozen, so the exit does not walk it all once more."""
+    sample(tmp_path)
+    code = """import gc, json, sys
+from agent import cli
+from agent.__main__ import run
+seen = {}
+command = cli.COMMANDS["status"]
+def status(config, args):
+    seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count(),
+                collections=sum(generation["collections"] for generation in gc.get_stats()))
+    return command(config, args)
+cli.COMMANDS["status"] = status
+before = sum(generation["collections"] for generation in gc.get_stats())
+sys.argv = ["agent", "status"]
+code = run()
+print(json.dumps({**seen, "before": before, "code": code, "left": len(gc.get_objects()), "frozen_at_exit": gc.get_freeze_count()}))
+"""
+    report = fresh(code, cwd=tmp_path)
+    assert report["code"] == 0
+    assert report["collections"] == report["before"]  # not one collection while the CLI and the config loaded
+    assert report["enabled"] and report["frozen"] > 10_000  # the command itself runs with the collector on
+    assert report["frozen_at_exit"] > report["frozen"] and report["left"] < 1_000  # nothing left for the exit to walk
 
 
 # -- a stop at any moment exits 0 -------------------------------------------------------------------------------
