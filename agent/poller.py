@@ -18,9 +18,11 @@ import copy
 import hashlib
 import json
 import math
+import re
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from json.encoder import c_make_encoder, encode_basestring
 from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
@@ -62,6 +64,8 @@ def content_hash(record: Any) -> str:
 
 def _text_key(value: Any, name: str) -> str:
     """Strings and integers are ids; `1` and `"1"` are the same key. Anything else is bad."""
+    if type(value) is str and value.strip() and "\x00" not in value:  # the usual id, passed on at once
+        return value
     if isinstance(value, bool) or value is None or isinstance(value, (float, list, dict)):
         raise BadRecord(f"field {name!r} is {json.dumps(value)[:40]}, not a usable id (strings and integers only)")
     text = str(value)
@@ -85,11 +89,23 @@ def dedupe_key(record: Any, cfg: SourceConfig) -> tuple[str, str]:
     return rid, rid
 
 
-def identify(record: Any, cfg: SourceConfig) -> Admission:
-    """The record's dedupe key, version, hash and entity by the source's settings."""
-    rid, key = dedupe_key(record, cfg)
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False)
+# The same encoder's C core built once: json.dumps builds an encoder and then its C core for every record. No
+# circular-reference marks: a record parsed from JSON cannot hold a cycle. The bytes are json.dumps' exactly.
+_canonical_chunks = (c_make_encoder(None, _CANONICAL.default, encode_basestring, None, ":", ",", True, False, False) if c_make_encoder
+                     else lambda record, level: _CANONICAL.iterencode(record, _one_shot=True))
+
+
+def canonical_json(record: Any) -> bytes:
+    """The record as sorted, compact UTF-8 JSON: what its content hash is taken of (ValueError for NaN and infinities)."""
+    return "".join(_canonical_chunks(record, 0)).encode("utf-8")
+
+
+def identify(record: Any, cfg: SourceConfig, keys: tuple[str, str] | None = None) -> Admission:
+    """The record's dedupe key, version, hash and entity by the source's settings (``keys``: its dedupe_key, when known)."""
+    rid, key = keys or dedupe_key(record, cfg)
     try:  # one canonical dump gives the hash, the size, and the checks for broken Unicode and non-JSON numbers
-        canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False).encode("utf-8")
+        canonical = canonical_json(record)
     except UnicodeEncodeError as error:
         raise BadRecord(f"holds a lone surrogate (broken Unicode) at character {error.start}") from None
     except ValueError:  # NaN, Infinity, or a number too large for a float (1e400): sinks cannot carry them
@@ -140,6 +156,19 @@ def read_stamp(value: Any) -> Stamp | None:
         return None
 
 
+# ISO 8601 UTC text in fixed-width fields: two of the same length compare as text as their times compare.
+_ISO_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z")
+
+
+def _not_above(value: Any, highest: str | None) -> bool:
+    """Whether `value` is, without parsing it, no later than `highest` (ISO UTC text of the _ISO_UTC shape).
+
+    True only for text of that shape and length sorting at or below it: a valid time is then no later; an invalid
+    one (month 13) is no time at all. Either way it cannot raise the cursor. False means: parse it to know."""
+    return (highest is not None and type(value) is str and len(value) == len(highest) and value <= highest
+            and _ISO_UTC.fullmatch(value) is not None)
+
+
 def cursor_value(highest: Any, overlap: float) -> str | None:
     """The highest `updated` seen minus the overlap, in the view's own style; None when it is not a time."""
     stamp = read_stamp(highest)
@@ -170,6 +199,7 @@ class _PollState:
     kind: str | None = None  # the kind of time the cursor holds ("iso", "epoch_s", "epoch_ms")
     highest: Stamp | None = None
     highest_raw: Any = None
+    highest_text: str | None = None  # highest_raw when it is ISO text in the fixed-width UTC shape (_ISO_UTC)
     unusable: list = field(default_factory=list)  # (record key, value, why) of new records whose `updated` cannot move the cursor
     checking: Stamp | bool | None = None  # a pass after the first: what the earlier pass had read up to (True: no time to go by)
     previous: set = field(default_factory=set)
@@ -306,7 +336,7 @@ class Poller:
 
     def _page(self, name: str, cfg: SourceConfig, page: Page, state: "_PollState", result: PollResult, log) -> None:
         """Identify, quarantine and admit one page; note the highest usable `updated` and any shift."""
-        known = self._known(name, cfg, page.records)
+        keyed, known = self._known(name, cfg, page.records)
         good: list[Admission] = []
         keys: set[str] = set()
         places: dict[str, int] = {}  # key -> position, for the check of a later pass
@@ -318,7 +348,7 @@ class Poller:
                 self._note_updated(cfg, record, state, None)
                 continue
             try:
-                item = identify(record, cfg)
+                item = identify(record, cfg, keyed.get(position))
             except BadRecord as error:
                 if state.checking is None:  # a later pass of the same poll meets it again: quarantined once per poll
                     self._quarantine(name, page, position, record, str(error), result, log)
@@ -390,6 +420,8 @@ class Poller:
         if not cfg.updated or not isinstance(record, dict) or record.get(cfg.updated) is None:
             return None
         value = record[cfg.updated]
+        if new_key is None and _not_above(value, state.highest_text):  # a seen record: only a higher time would matter
+            return None
         stamp = read_stamp(value)
         if stamp is None:
             why = "not a time"
@@ -401,23 +433,25 @@ class Poller:
             state.kind = stamp.kind
             if state.highest is None or stamp.seconds > state.highest.seconds:
                 state.highest, state.highest_raw = stamp, value
+                state.highest_text = value if isinstance(value, str) and _ISO_UTC.fullmatch(value) else None
             return stamp
         if new_key is not None:
             state.unusable.append((new_key, value, why))
         return stamp if why != "in the future" else None
 
-    def _known(self, name: str, cfg: SourceConfig, records: list) -> dict[int, tuple[str, float]]:
-        """position -> (key, last seen) of the records the ledger has seen (a re-poll skips hashing them)."""
+    def _known(self, name: str, cfg: SourceConfig, records: list) -> tuple[dict[int, tuple[str, str]], dict[int, tuple[str, float]]]:
+        """position -> (id, key) of the records with a usable id, and position -> (key, last seen) of those the ledger
+        has seen (a re-poll skips hashing them)."""
         if cfg.dedupe == "content":
-            return {}
+            return {}, {}
         keyed = {}
         for position, record in enumerate(records):
             try:
-                keyed[position] = dedupe_key(record, cfg)[1]
+                keyed[position] = dedupe_key(record, cfg)
             except BadRecord:
                 pass
-        seen = self.ledger.seen(name, set(keyed.values()))
-        return {position: (key, seen[key]) for position, key in keyed.items() if key in seen}
+        seen = self.ledger.seen(name, {key for _, key in keyed.values()})
+        return keyed, {position: (key, seen[key]) for position, (_, key) in keyed.items() if key in seen}
 
     def _quarantine(self, name: str, page: Page, position: int, record: Any, reason: str, result: PollResult, log) -> None:
         excerpt = json.dumps(record, ensure_ascii=True, default=str)[:300]

@@ -7,7 +7,7 @@ A source is constructed from its validated ``Config`` plus injected I/O
 
 ``params`` are the query parameters already rendered by the agent (the
 cursor templates live in the agent, not here). Pages stream: a source
-never holds more than one page in memory.
+holds the page it handed over and at most one more (a page read ahead).
 
 Errors, named by what the caller does next::
 

@@ -22,12 +22,19 @@ total of the wrong kind ends the poll with a PageError naming the page and
 at most 40 characters of the value (never its query string or credentials).
 The page that carried it is yielded first: its records were read fine.
 
+Pages are read one ahead: while the caller admits a page, the next one is
+fetched on the source's worker thread, so the view's time and the agent's
+overlap. At most two pages are held (the one handed over and the one
+ahead), and a caller that stops early (its poll failed) leaves nothing behind:
+the page ahead is given up before the next poll asks again.
+
 A hostile view costs a bounded wait and bounded memory. ``timeout`` is a
 deadline for the whole exchange of one page (connect, headers, body), not for
-each read: a view that drips bytes fails the poll when it passes. The body is
-streamed and inflated as it arrives, and a page over ``max_page_bytes``
-(counted after decompression) or ``max_records_per_page`` fails the poll
-before more memory is spent; nothing of that page is admitted.
+each read, counted from when the page is asked for: a view that drips bytes
+fails the poll when it passes, also on a page read ahead that nobody waits for
+yet. The body is streamed and inflated as it arrives, and a page over
+``max_page_bytes`` (counted after decompression) or ``max_records_per_page``
+fails the poll before more memory is spent; nothing of that page is admitted.
 
 requests, urllib3 and queue are imported when a source is built or a page
 fetched, not with this module: loading the config model (`agent status`)
@@ -75,6 +82,18 @@ class _Answer:
     content: bytearray
 
 
+@dataclass
+class _Pending:
+    """A page asked for and not yet read: its request runs on the source's worker."""
+
+    url: str
+    number: int
+    where: str
+    stop: threading.Event  # set: the caller gave up on it, stop reading
+    deadline: float  # time.monotonic() by which the exchange must end
+    ticket: _Ticket
+
+
 _CHUNK = 64 * 1024
 _ERROR_EXCERPT = 4096  # of an error page's body: enough for the excerpt in the message
 
@@ -83,6 +102,14 @@ def _length(response: requests.Response) -> int:
     """The announced Content-Length, or -1 when there is none or it does not parse."""
     value = response.headers.get("Content-Length", "")
     return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else -1
+
+
+@dataclass
+class _Ticket:
+    """A job handed to the worker: its outcome ({"answer": ...} or {"error": ...}) once `done` is set."""
+
+    outcome: dict[str, Any]
+    done: threading.Event
 
 
 class _Worker:
@@ -110,26 +137,33 @@ class _Worker:
 
     def run(self, job: Callable[[], Any], timeout: float, interrupt: threading.Event | None = None) -> dict[str, Any] | None:
         """{"answer": ...} or {"error": ...} of `job`, or None when it is not done within `timeout` (or `interrupt` is set)."""
-        outcome: dict[str, Any] = {}
-        done = threading.Event()
+        return self.wait(self.start(job), time.monotonic() + timeout, interrupt)
+
+    def start(self, job: Callable[[], Any]) -> _Ticket:
+        """Hand `job` to the thread (started when there is none) and return at once."""
+        ticket = _Ticket({}, threading.Event())
         self._idle.clear()
         with self._lock:  # the thread ends only under this lock, with no job queued
-            self._jobs.put((job, outcome, done))
+            self._jobs.put((job, ticket))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="view-requests", daemon=True)
                 self._thread.start()
-        end = time.monotonic() + timeout
-        while not done.wait(min(0.1, max(end - time.monotonic(), 0.0))):
-            if time.monotonic() >= end or (interrupt is not None and interrupt.is_set()):
+        return ticket
+
+    @staticmethod
+    def wait(ticket: _Ticket, until: float, interrupt: threading.Event | None = None) -> dict[str, Any] | None:
+        """The job's outcome, or None when it is not done by `until` (time.monotonic()) or `interrupt` is set first."""
+        while not ticket.done.wait(min(0.1, max(until - time.monotonic(), 0.0))):
+            if time.monotonic() >= until or (interrupt is not None and interrupt.is_set()):
                 return None
-        return outcome
+        return ticket.outcome
 
     def _loop(self) -> None:
         import queue
 
         while True:
             try:
-                job, outcome, done = self._jobs.get(timeout=self.IDLE_EXIT)
+                job, ticket = self._jobs.get(timeout=self.IDLE_EXIT)
             except queue.Empty:
                 with self._lock:
                     if self._jobs.empty():
@@ -137,11 +171,11 @@ class _Worker:
                         return
                 continue
             try:
-                outcome["answer"] = job()
+                ticket.outcome["answer"] = job()
             except BaseException as error:  # handed to the waiting caller, raised there
-                outcome["error"] = error
+                ticket.outcome["error"] = error
             self._idle.set()
-            done.set()
+            ticket.done.set()
 
 
 class _Paging(BaseModel):
@@ -375,65 +409,81 @@ class RestSource:
         self._worker = _Worker()
 
     def pages(self, params: dict[str, str]) -> Iterator[Page]:
-        """Yield the view's pages in order, fetching the next only when asked for it."""
+        """Yield the view's pages in order; the next page is fetched while the caller handles this one (one ahead at most)."""
         paging, request = self.config.paging, self.config.paging.follow(self.config.url, params, None)
         fetched, total, previous = 0, None, None
-        for number in range(1, paging.max_pages + 1):
-            response = self._fetch(*request, number)
-            records = self._records(response.body, number, response.url)
-            response.count = len(records)
-            signature = (len(records), records[0], records[-1]) if records else None
-            if signature and signature == previous:
-                raise PageError(f"{self._where(number, response.url)} repeats the previous page: {_repeat_fix(paging)}", page=number)
-            fetched, broken = fetched + len(records), None
-            try:
-                total = self._total(response, total)
-                done = not records or (total is not None and fetched >= total)
-                request = None if done else self._next(request[0], params, response)
-            except PageError as error:  # a bad paging value: this page's records are good, the poll ends after them
-                request, broken = None, PageError(f"{self._where(number, response.url)}: {error}", page=number + 1)
-            meta = {"total": total} if total is not None else {}
-            if request and number == paging.max_pages:
-                logger.warning("{}: stopped at paging.max_pages = {}; the view has more", self._where(number, response.url), number)
-                meta["truncated"] = True  # the agent keeps the cursor: the unread (older) pages must be read later
-            response.body = None  # one page in memory: the records are handed over, drop the rest
-            yield Page(number, records, self._where(number, response.url), meta)
-            if broken:
-                raise broken
-            if request is None:
-                return
-            previous = signature
+        ahead: _Pending | None = self._ask(*request, 1)
+        try:
+            for number in range(1, paging.max_pages + 1):
+                asked, ahead = ahead, None
+                response = self._answer(asked)
+                records = self._records(response.body, number, response.url)
+                response.count = len(records)
+                signature = (len(records), records[0], records[-1]) if records else None
+                if signature and signature == previous:
+                    raise PageError(f"{self._where(number, response.url)} repeats the previous page: {_repeat_fix(paging)}", page=number)
+                fetched, broken = fetched + len(records), None
+                try:
+                    total = self._total(response, total)
+                    done = not records or (total is not None and fetched >= total)
+                    request = None if done else self._next(request[0], params, response)
+                except PageError as error:  # a bad paging value: this page's records are good, the poll ends after them
+                    request, broken = None, PageError(f"{self._where(number, response.url)}: {error}", page=number + 1)
+                meta = {"total": total} if total is not None else {}
+                if request and number == paging.max_pages:
+                    logger.warning("{}: stopped at paging.max_pages = {}; the view has more", self._where(number, response.url), number)
+                    meta["truncated"] = True  # the agent keeps the cursor: the unread (older) pages must be read later
+                elif request:
+                    ahead = self._ask(*request, number + 1)  # read while the caller admits this page: the view's time overlaps ours
+                response.body = None  # the records are handed over, drop the rest: this page and the one ahead in memory
+                yield Page(number, records, self._where(number, response.url), meta)
+                if broken:
+                    raise broken
+                if request is None:
+                    return
+                previous = signature
+        finally:
+            if ahead is not None:  # the caller stopped reading (its poll failed): the page ahead is not wanted
+                self._drop(ahead)
 
-    def _fetch(self, url: str, params: dict[str, str], number: int) -> Response:
-        """GET one page and parse it, all within `timeout`; every failure becomes a PageError naming the page."""
-        where = self._where(number, url)
-        answer = self._in_time(lambda stop, deadline: self._exchange(url, params, where, number, stop, deadline), where, number)
-        if 300 <= answer.status < 400:
-            raise self._redirected(where, url, answer.status, answer.location, number)
-        if not 200 <= answer.status < 300:
-            raise PageError(f"{where}: HTTP {answer.status} {answer.reason or ''}: {_excerpt(answer.content)}", page=number, status=answer.status)
-        return Response(number, url, parse_json(answer.content, f"{where}: body is", number, _excerpt(answer.content)), answer.links, 0)
-
-    def _in_time(self, work: Callable[[threading.Event, float], _Answer], where: str, number: int) -> _Answer:
-        """Run `work` on this source's worker and wait for it until the deadline: requests' timeout bounds each read, not the page.
+    def _ask(self, url: str, params: dict[str, str], number: int) -> _Pending:
+        """Start the GET of one page on this source's worker; its deadline runs from now.
 
         A server that drips its headers a byte at a time keeps the worker reading; the
         next page of this view is not asked for until it ends, so at most one waits.
         """
-        timeout = self.config.timeout
+        where, timeout = self._where(number, url), self.config.timeout
         if not self._worker.idle:
             raise PageError(f"{where}: an earlier request to this view is still waiting for its answer (past its {timeout:g}s deadline); "
                             "not asking again until it ends", page=number)
         stop, deadline = threading.Event(), time.monotonic() + timeout
-        outcome = self._worker.run(lambda: work(stop, deadline), timeout, self.stopping)
+        job = self._worker.start(lambda: self._exchange(url, params, where, number, stop, deadline))
+        return _Pending(url, number, where, stop, deadline, job)
+
+    def _answer(self, pending: _Pending) -> Response:
+        """Wait for a page asked for until its deadline; every failure becomes a PageError naming the page."""
+        where, number = pending.where, pending.number
+        outcome = self._worker.wait(pending.ticket, pending.deadline, self.stopping)
         if outcome is None:
-            stop.set()
+            pending.stop.set()
             if self.stopping is not None and self.stopping.is_set():
                 raise PageError(f"{where}: not read, the agent is stopping", page=number)
-            raise PageError(f"{where}: no complete answer within {timeout:g}s (timeout)", page=number)
+            raise PageError(f"{where}: no complete answer within {self.config.timeout:g}s (timeout)", page=number)
         if "error" in outcome:
             raise outcome["error"]
-        return outcome["answer"]
+        answer = outcome["answer"]
+        if 300 <= answer.status < 400:
+            raise self._redirected(where, pending.url, answer.status, answer.location, number)
+        if not 200 <= answer.status < 300:
+            raise PageError(f"{where}: HTTP {answer.status} {answer.reason or ''}: {_excerpt(answer.content)}", page=number, status=answer.status)
+        body = parse_json(answer.content, f"{where}: body is", number, _excerpt(answer.content))  # on the worker it only competes for the GIL
+        return Response(number, pending.url, body, answer.links, 0)
+
+    def _drop(self, pending: _Pending) -> None:
+        """Give up a page asked for ahead: stop reading its body and wait (within its deadline) for the exchange to end,
+        so the next poll finds the worker free."""
+        pending.stop.set()
+        self._worker.wait(pending.ticket, pending.deadline, self.stopping)
 
     def _exchange(self, url: str, params: dict[str, str], where: str, number: int, stop: threading.Event, deadline: float) -> _Answer:
         """One request and its body, streamed under the size cap; every failure a PageError."""
@@ -444,7 +494,7 @@ class RestSource:
             with self.session.get(url, params=params or None, timeout=max(deadline - time.monotonic(), 0.001), allow_redirects=False,
                                   stream=True, hooks={"response": lambda answer, **_: answers.append(answer)}) as response:
                 status, links, reason, location = response.status_code, response.links, response.reason, response.headers.get("Location")
-                content = bytearray() if 300 <= status < 400 else self._body(response, where, number, stop, 200 <= status < 300)
+                content = bytearray() if 300 <= status < 400 else self._body(response, where, number, stop, deadline, 200 <= status < 300)
         except requests.Timeout:
             raise PageError(f"{where}: no complete answer within {self.config.timeout:g}s (timeout)", page=number) from None
         except requests.ConnectionError as exc:
@@ -455,7 +505,8 @@ class RestSource:
             raise PageError(f"{where}: request failed: {_reason(exc)}", page=number) from None
         return _Answer(status, reason, location, links, content)
 
-    def _body(self, response: requests.Response, where: str, number: int, stop: threading.Event, wanted: bool) -> bytearray:
+    def _body(self, response: requests.Response, where: str, number: int, stop: threading.Event, deadline: float,
+              wanted: bool) -> bytearray:
         """The body, inflated as it arrives and refused once over `max_page_bytes`; of an error page only its start."""
         import urllib3  # loaded by the session already: a lookup
 
@@ -467,6 +518,8 @@ class RestSource:
             while chunk := response.raw.read1(_CHUNK, decode_content=True):  # read1: what one read brought, at most _CHUNK inflated
                 if stop.is_set():
                     break  # the caller stopped waiting; closing the response drops the connection
+                if time.monotonic() > deadline:  # a page read ahead has nobody waiting on it to give up at the deadline
+                    raise PageError(f"{where}: no complete answer within {self.config.timeout:g}s (timeout)", page=number)
                 body += chunk
                 if len(body) > cap:
                     if not wanted:

@@ -1,6 +1,9 @@
 """Polling into the ledger: identification, quarantine, the cursor rule, failures half-way, ties at page edges."""
+import json
 import random
 import textwrap
+import time
+from datetime import timedelta
 
 import pytest
 
@@ -125,6 +128,24 @@ def test_a_poll_failing_half_way_keeps_what_it_admitted_and_leaves_the_cursor(tm
     assert len(keys(ledger)) == 40
 
 
+def test_the_next_page_is_read_while_a_page_is_admitted(tmp_path, ledger):
+    with ViewServer(make_leads(25), page_size=10) as view:
+        cfg = source_config(tmp_path, view.url)
+        before_admitting = []  # (requests the view had seen, records in the ledger) when page 1 arrived
+
+        def after_fetch(point: str) -> None:
+            if not before_admitting:
+                ends = time.monotonic() + 5
+                while len(view.hits) < 2 and time.monotonic() < ends:
+                    time.sleep(0.002)
+                before_admitting.append((len(view.hits), len(keys(ledger))))
+
+        sources = {name: RestSource(c, session=build_session()) for name, c in cfg.sources.items()}
+        result = Poller(cfg, ledger, sources, clock=lambda: NOW, failpoint=after_fetch).poll("leads")
+    assert before_admitting == [(2, 0)]  # page 2 was asked for before page 1 was admitted
+    assert result.error is None and result.new == 25 and len(view.hits) == 3
+
+
 def test_equal_timestamps_reordered_between_pages_lose_nothing(tmp_path, ledger):
     """Three pages of records sharing one lastModified, shuffled before every page request."""
     leads = make_leads(30, start="2026-11-20T10:00:00Z", step=0)
@@ -229,3 +250,68 @@ def test_an_unexpected_error_fails_the_poll_and_keeps_what_was_admitted(tmp_path
     assert result.new == 2 and "OverflowError" in result.error
     assert ledger.cursor("leads")["value"] is None and ledger.cursor("leads")["last_error"] == result.error
     assert ledger.counts() == {"f": {"pending": 2}}
+
+
+TRICKY_TIMES = [
+    "2026-11-20T10:00:00Z", "2026-11-20T10:00:00.5Z", "2026-11-20T10:00:00.123456Z", "2026-11-20 10:00:05Z",
+    "2026-13-20T10:00:00Z", "2026-11-20T24:00:00Z", "2026-11-20T10:00:60Z", "2026-11-20T10:00:00z", "２026-11-20T10:00:00Z",
+    "2026-11-20T10:00:00+00:00", "2026-11-20T09:59:59Z", "2026-02-29T10:00:00Z", "2024-02-29T10:00:00Z", "0000-01-01T00:00:00Z",
+    "9999-12-31T23:59:59Z", "2026-11-20T10:00:00.9999Z", "2026-11-20T10:00:01.0000Z", "2026-11-20T10:00:00.1234567Z",
+]
+
+
+def test_iso_utc_text_of_one_shape_sorts_as_its_time_so_a_lower_one_is_not_parsed():
+    from agent.poller import _not_above, read_stamp
+
+    rng = random.Random(12)
+    base = read_stamp("2000-01-01T00:00:00Z").at
+    values = list(TRICKY_TIMES)
+    for digits in (0, 1, 3, 6):
+        for _ in range(300):
+            at = base + timedelta(seconds=rng.uniform(-3e9, 3e9))
+            values.append(at.strftime("%Y-%m-%dT%H:%M:%S") + (f".{at.microsecond:06d}"[:digits + 1] if digits else "") + "Z")
+    skipped = 0
+    for value in values:
+        for highest in values:
+            top = read_stamp(highest)
+            if top is None or not _not_above(value, highest):
+                continue
+            stamp = read_stamp(value)
+            assert stamp is None or stamp.seconds <= top.seconds, (value, highest)
+            skipped += 1
+    assert skipped > 100_000  # the usual case takes the fast way
+
+
+def test_seen_records_raise_the_cursor_exactly_as_when_every_time_is_parsed(tmp_path, ledger):
+    from agent.poller import _PollState, read_stamp
+
+    cfg = source_config(tmp_path, "http://view.test/x")
+    p = poller(cfg, ledger)
+    rng = random.Random(3)
+    for _ in range(200):
+        values = rng.sample(TRICKY_TIMES, 6)
+        state = _PollState(cursor=None, flows=[], started=NOW)
+        for value in values:
+            p._note_updated(cfg.sources["leads"], {"lastModified": value}, state, None)
+        usable = [v for v in values if read_stamp(v) is not None and read_stamp(v).seconds <= NOW + 300]  # none in the future
+        best = max(usable, key=lambda v: read_stamp(v).seconds, default=None)
+        assert (state.highest.seconds if state.highest else None) == (read_stamp(best).seconds if best else None), values
+
+
+@pytest.mark.parametrize("record", [
+    {"b": [1.5, 1e16, -0.0, 1e-07, 2 ** 70, True, None], "a": {"z": {}, "y": []}},
+    {"text": "x\u2028\x01\"\\é😀\x7f", "é": 1, "e": 2, "Z": 3, "😀": 4, "\uffff": 5},
+    {"id": "S1", "nested": [{"k": [1, [2, [3]]]}]},
+])
+def test_the_canonical_bytes_of_a_record_are_sorted_compact_json_exactly(record):
+    from agent.poller import canonical_json
+
+    assert canonical_json(record) == json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("record, error", [({"n": float("nan")}, ValueError), ({"i": float("inf")}, ValueError), ({"s": "\ud800"}, UnicodeEncodeError)])
+def test_canonical_bytes_refuse_what_json_dumps_refuses(record, error):
+    from agent.poller import canonical_json
+
+    with pytest.raises(error):
+        canonical_json(record)

@@ -2,6 +2,9 @@
 import json
 import re
 import socket
+import threading
+import time
+from urllib.parse import parse_qs, urlsplit
 
 import pydantic
 import pytest
@@ -10,7 +13,7 @@ import responses
 
 from sources.base import PageError
 from sources.rest import RestSource
-from viewserver import ViewServer, drop_connection, make_leads, short_body, truncated_json, update
+from viewserver import ViewServer, drop_connection, make_leads, respond, short_body, truncated_json, update
 
 API = "http://view.test/api/views/Leads"
 
@@ -18,6 +21,21 @@ API = "http://view.test/api/views/Leads"
 def make_source(url: str, session: requests.Session | None = None, **config) -> RestSource:
     """A RestSource for `url` with config keys as in agent.toml."""
     return RestSource(RestSource.Config.model_validate({"kind": "rest", "url": url, **config}), session=session or requests.Session())
+
+
+def page_of(path: str) -> int:
+    """The page number a request to the view server asked for."""
+    return int(parse_qs(urlsplit(path).query)["page"][-1])
+
+
+def until(condition, seconds: float = 5.0) -> bool:
+    """Whether `condition()` becomes true within `seconds` (checked every few milliseconds)."""
+    ends = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > ends:
+            return False
+        time.sleep(0.002)
+    return True
 
 
 def ids(pages) -> list[str]:
@@ -94,14 +112,36 @@ def test_an_updated_record_is_served_first():
     assert first["lastSubmissionID"] != leads[2]["lastSubmissionID"]
 
 
-def test_pages_stream_one_request_per_page_asked_for():
+def test_pages_stream_with_one_page_fetched_ahead_at_most():
     with ViewServer(make_leads(250)) as view:
         pages = make_source(view.url, paging={"kind": "page"}).pages({})
         assert view.hits == []  # a generator: nothing fetched before the first next()
         next(pages)
-        assert len(view.hits) == 1
+        assert until(lambda: len(view.hits) == 2), view.hits  # page 2 is asked for while the caller handles page 1
+        assert [page_of(hit) for hit in view.hits] == [1, 2]  # and no further: the generator waits at page 1
         next(pages)
-        assert len(view.hits) == 2
+        assert until(lambda: len(view.hits) == 3)
+        assert len(next(pages).records) == 50  # a short page: nothing more is asked for
+        assert next(pages, None) is None and [page_of(hit) for hit in view.hits] == [1, 2, 3]
+
+
+def test_a_page_fetched_ahead_is_not_read_when_the_caller_stops_early_and_the_next_read_goes_on():
+    slow = threading.Event()
+
+    def slow_second_page(handler):
+        if page_of(handler.path) == 2 and not slow.is_set():
+            slow.set()
+            time.sleep(0.2)  # still answering when the caller stops: the next read must not find the worker busy
+        handler.serve()
+
+    with ViewServer(make_leads(250)) as view:
+        view.fail_with(slow_second_page)
+        source = make_source(view.url, paging={"kind": "page"}, timeout="5s")
+        pages = source.pages({})
+        next(pages)
+        assert slow.wait(5)
+        pages.close()  # the poll failed while admitting page 1
+        assert len(ids(source.pages({}))) == 250
 
 
 def test_where_names_page_and_path_without_query_values():
@@ -128,9 +168,9 @@ def test_missing_credentials_fail_the_page_with_401():
 
 def test_a_failing_second_page_yields_the_first_then_raises():
     with ViewServer(make_leads(250)) as view:
+        view.fail_with(lambda handler: handler.serve() if page_of(handler.path) == 1 else respond(503)(handler))
         pages = make_source(view.url, paging={"kind": "page"}).pages({})
         assert len(next(pages).records) == 100
-        view.fail_next(1, 503)
         with pytest.raises(PageError) as caught:
             next(pages)
     assert (caught.value.status, caught.value.page) == (503, 2)

@@ -10,6 +10,7 @@ import math
 import signal
 import socket
 import sys
+import threading
 import time
 
 import pydantic
@@ -121,6 +122,49 @@ def test_a_view_hanging_from_an_earlier_poll_is_not_asked_again_while_it_hangs()
         with pytest.raises(PageError, match=r"an earlier request to this view is still waiting for its answer"):
             list(source.pages({}))
         assert len(view.hits) == 1  # no second connection while the first still hangs
+
+
+def test_a_page_read_ahead_that_passes_its_deadline_while_the_caller_is_busy_fails_as_a_timeout():
+    leads, dripped = make_leads(150), threading.Event()
+
+    def slow_second_page(handler):
+        if "page=2" not in handler.path:
+            return handler.serve()
+        body = json.dumps({"records": leads[100:]}).encode()
+        try:
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            for start in range(0, len(body), len(body) // 4 + 1):  # the whole body, but over 0.4 s: past the 0.2 s deadline
+                handler.wfile.write(body[start:start + len(body) // 4 + 1])
+                handler.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass  # the client gave up at the deadline
+        finally:
+            dripped.set()
+
+    with ViewServer(leads) as view:
+        view.fail_with(slow_second_page)
+        pages = make_source(view.url, timeout="0.2s", paging={"kind": "page"}).pages({})
+        assert len(next(pages).records) == 100
+        assert dripped.wait(5)  # the caller was busy with page 1 until the page ahead was over its deadline
+        with pytest.raises(PageError, match=r"page 2 of GET .*: no complete answer within 0.2s \(timeout\)"):
+            next(pages)
+
+
+def test_a_stop_request_ends_the_wait_for_a_page_read_ahead():
+    stopping = threading.Event()
+    with ViewServer(make_leads(150)) as view:
+        view.fail_with(lambda handler: handler.serve() if "page=1" in handler.path else drips_headers(handler))
+        config = RestSource.Config.model_validate({"kind": "rest", "url": view.url, "timeout": "2s", "paging": {"kind": "page"}})
+        pages = RestSource(config, session=requests.Session(), stopping=stopping).pages({})
+        next(pages)
+        stopping.set()
+        asked = time.monotonic()
+        with pytest.raises(PageError, match=r"page 2 of GET .*: not read, the agent is stopping"):
+            next(pages)
+    assert time.monotonic() - asked < 1
 
 
 # Size caps
