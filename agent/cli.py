@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         return OK
 
 
+QUIET = {"status"}  # commands whose own code never logs: loguru is set up only if a library's log line needs it
+
+
 def _main(argv: list[str] | None) -> int:
     try:
         args = parser().parse_args(argv)
@@ -181,7 +184,8 @@ def _main(argv: list[str] | None) -> int:
         print(printable_lines(str(error)), file=sys.stderr)
         return USAGE
     out = _printer(config)
-    logs.setup(config.agent.log_level, config.agent.log_format, sink=sys.stderr, mask=out.mask)  # today's stderr, which a caller may have redirected
+    logs.setup(config.agent.log_level, config.agent.log_format, sink=sys.stderr, mask=out.mask,  # today's stderr, which a caller may have redirected
+               defer=args.command in QUIET)
     _collect_from_now_on()
     try:
         return COMMANDS[args.command](config, args)

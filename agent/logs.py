@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sys
+from functools import partial
 from typing import Callable
 
 from agent.secrets import Masker, masked
@@ -41,10 +42,23 @@ def terminal_json(text: str) -> str:
     return _JSON_RAW.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
 
 
+_deferred: Callable[[], None] | None = None  # setup's work, when a command that logs nothing of its own deferred it
+
+
 def setup(level: str = "INFO", fmt: str = "text", secrets: list[str] | None = None, sink=None,
-          mask: Callable[[str], str] | None = None) -> None:
+          mask: Callable[[str], str] | None = None, *, defer: bool = False) -> None:
     """Route loguru to ``sink`` (the current stderr by default); every form of a configured secret is masked
-    (``mask``, else a Masker of ``secrets``), and a text line's message is escaped so a value cannot forge a line."""
+    (``mask``, else a Masker of ``secrets``), and a text line's message is escaped so a value cannot forge a line.
+
+    ``defer``: loguru is neither imported nor set up until a standard-library log line (psycopg's) needs it. For
+    a command whose own code never logs (`status`, a health check run every minute: loguru and the asyncio it
+    brings are a tenth of its start); tests check that such a command leaves loguru unloaded."""
+    global _deferred
+    if defer and "loguru" not in sys.modules:
+        _deferred = partial(setup, level, fmt, secrets, sink, mask)
+        _route_standard_logging()
+        return
+    _deferred = None
     sink = sink or sys.stderr
     mask = mask or Masker(secrets or [])
 
@@ -71,6 +85,8 @@ class _ToLoguru(logging.Handler):
     """Standard-library log records (psycopg's pool logs this way) as loguru lines: the same format, the same masking."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _deferred is not None:
+            _deferred()
         from loguru import logger
 
         try:

@@ -52,7 +52,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from loguru import logger
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from sinks.base import Action, ActionError, ConnectorConfig, Outcome, SinkError, Timeout
@@ -284,6 +283,7 @@ class SmtpConnector:
             if not (reused and _let_go(exc, smtp)):
                 raise
             self._discard()
+        from loguru import logger  # here, not at the top: `agent status` loads this module and logs nothing
         logger.debug("smtp {}: the server let the idle connection go; reconnecting", self._server)
         return self._connection(deadline).sendmail(mail.sender, mail.recipients, mail.raw)
 
@@ -314,6 +314,7 @@ class SmtpConnector:
         except BaseException:
             smtp.close()
             raise
+        from loguru import logger  # here, not at the top: `agent status` loads this module and logs nothing
         logger.debug("smtp {}: connected ({})", self._server, self.config.security)
         return smtp
 

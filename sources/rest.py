@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Literal, Union
 from urllib.parse import SplitResult, urljoin, urlsplit
 
-from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sources.base import Page, PageError, SourceConfig, Timeout, counted, dig, parse_json
@@ -431,6 +430,7 @@ class RestSource:
                     request, broken = None, PageError(f"{self._where(number, response.url)}: {error}", page=number + 1)
                 meta = {"total": total} if total is not None else {}
                 if request and number == paging.max_pages:
+                    from loguru import logger  # here, not at the top: `agent status` loads this module and logs nothing
                     logger.warning("{}: stopped at paging.max_pages = {}; the view has more", self._where(number, response.url), number)
                     meta["truncated"] = True  # the agent keeps the cursor: the unread (older) pages must be read later
                 elif request:

@@ -21,8 +21,6 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from loguru import logger
-
 from state.base import ACTIVE, FINISHED, HASH_BYTES, MOVABLE, TOUCH_EVERY, WAITING, Admission, Execution, Finish, masked, to_json
 
 
@@ -141,6 +139,7 @@ class SqlLedger(ABC):
         if not tx.execute(FINISH, (result.status, result.step, self._dump(result.context), result.next_at, self._text(result.error),
                                    attempts, first, now, ex.id, ex.epoch)).rowcount:
             self._fenced(1)
+            from loguru import logger  # here, not at the top: `agent status` loads this module and logs nothing
             logger.warning("execution {} ({}, record {}): its lease passed to another agent; this outcome ({}) is not recorded",
                            ex.id, ex.flow, ex.key, result.status)
             return
