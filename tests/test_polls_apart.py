@@ -12,6 +12,7 @@ from agent.config import load
 from agent.process import Agent
 from sinkserver import SinkServer
 from test_cli_integration import PASSWORD, write_config
+from test_scheduler import wait_until
 from viewserver import ViewServer, make_leads
 
 
@@ -19,15 +20,6 @@ from viewserver import ViewServer, make_leads
 def _env(monkeypatch):
     monkeypatch.setenv("VIEW_PASSWORD", PASSWORD)
     monkeypatch.setenv("CRM_TOKEN", "crm-token-123")
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 class Gate:
