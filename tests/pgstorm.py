@@ -4,8 +4,9 @@
     print(report.text())
     assert not report.problems
 
-Three real ``python -m agent --config X run`` processes ("slots") run with the
-same config on one PostgreSQL database, with a short ``lease`` (2 s; the
+Three real ``agent --config X run`` processes ("slots"; forked from a
+``storm.Launcher``, or started with ``python -m agent`` when ``STORM_FORK=0``)
+run with the same config on one PostgreSQL database, with a short ``lease`` (2 s; the
 connector timeout is 1 s). The view is ``storm.py``'s: a ``Mutator`` adds and
 updates records all along (new ids, new versions of old ones, deletions, one
 record dated 9999-12-31), a ``ChaosView`` fails some requests. The sink is
@@ -54,7 +55,8 @@ traceback or the view password, and the cursor moved but never past the
 newest time the view had.
 
 ``plants`` puts bugs into every agent process from outside (a
-``sitecustomize`` module; see ``PLANTS``): the storm must then report them.
+``sitecustomize`` module, in force in the Launcher and so in every process
+forked from it; see ``PLANTS``): the storm must then report them.
 ``sink-events.jsonl``, ``faults.json`` and the processes' output in ``logs/``
 are left for a post-mortem.
 """
@@ -76,8 +78,8 @@ from typing import Any, Callable
 
 import psycopg
 
-from storm import (FAR_FUTURE, LATE, PASSWORD, SINK_TIMEOUT, START, VIEW_TIMEOUT, ChaosSink, ChaosView, Mutator, Report,
-                   SinkEvent, agent_env, write_config)
+from storm import (FAR_FUTURE, FORK, LATE, PASSWORD, SINK_TIMEOUT, START, VIEW_TIMEOUT, ChaosSink, ChaosView, Forked, Launcher,
+                   Mutator, Report, SinkEvent, agent_env, write_config)
 from viewserver import ViewServer, make_leads
 
 LEASE = 2.0  # the agents' lease: at least twice the connector timeout (SINK_TIMEOUT, 1 s)
@@ -120,7 +122,7 @@ class Process:
 
     index: int
     slot: int
-    proc: subprocess.Popen
+    proc: subprocess.Popen | Forked
     out: Path
     err: Path
     start: float
@@ -225,9 +227,12 @@ class PgStorm:
     def __init__(self, folder: Path, server: Any, url: str, *, seed: int = 7, slots: int = 3, kills: int = 5,
                  terminates: int = 3, concurrency: int = 3, view_fault_rate: float = 0.08,
                  sink_rates: dict[str, float] | None = None, drain_timeout: float = 30.0, plants: tuple[str, ...] = (),
-                 freezes: tuple[str, ...] = ("delivery",)):
+                 freezes: tuple[str, ...] = ("delivery",), refusal_wait: float = 5.0, fork: bool = FORK):
         self.folder, self.server, self.url = folder, server, url
+        self.fork = fork  # the agent processes forked from a storm.Launcher, or each started with `python -m agent`
+        self.launcher: Launcher | None = None
         self.plants, self.freezes = plants, freezes
+        self.refusal_wait = refusal_wait  # how long a frozen process has, once resumed, to log its refused write
         self.database = url.rsplit("/", 1)[1]
         self.seed, self.slots, self.kills, self.terminates, self.concurrency = seed, slots, kills, terminates, concurrency
         self.drain_timeout = drain_timeout
@@ -252,9 +257,12 @@ class PgStorm:
     def _start(self, slot: int) -> Process:
         index = len(self.processes)
         out, err = self.logs / f"gen{index:03d}-slot{slot}.out", self.logs / f"gen{index:03d}-slot{slot}.err"
-        with open(out, "w") as fo, open(err, "w") as fe:
-            proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(self.cfg), "run"], cwd=self.folder,
-                                    stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=self._env(index))
+        if self.launcher:
+            proc = self.launcher.start(["--config", str(self.cfg), "run"], self.folder, out, err, self._env(index))
+        else:
+            with open(out, "w") as fo, open(err, "w") as fe:
+                proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(self.cfg), "run"], cwd=self.folder,
+                                        stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=self._env(index))
         process = Process(index, slot, proc, out, err, time.monotonic())
         self.processes.append(process)
         self.current[slot] = process
@@ -329,6 +337,8 @@ class PgStorm:
                     server.handle_error = lambda request, address: None
                 self.view.fail_with(self.view_faults)
                 self.cfg = self._config()
+                if self.fork:
+                    self.launcher = Launcher(self._env(0), self.folder / "launcher.err")
                 self.mutator.start()
                 try:
                     for slot in range(self.slots):
@@ -355,6 +365,8 @@ class PgStorm:
                 if p.proc.poll() is None:
                     p.proc.kill()
                     p.proc.wait()
+            if self.launcher:
+                self.launcher.close()
         return self.report
 
     def _config(self) -> Path:
@@ -412,8 +424,8 @@ class PgStorm:
         self._resume(target, stop, f"held key {key}; {'sent again by another process' if again else 'NOT sent again by another process'}")
         if not again:
             problems.append(f"no other process sent the frozen process's request again within {LEASE + 10:g}s (key {key})")
-        if not wait_for(lambda: REFUSED in target.err.read_text(errors="replace"), 5, 0.05):
-            problems.append(f"the frozen process {target.index} logged no refused outcome within 5s of SIGCONT")
+        if not wait_for(lambda: REFUSED in target.err.read_text(errors="replace"), self.refusal_wait, 0.05):
+            problems.append(f"the frozen process {target.index} logged no refused outcome within {self.refusal_wait:g}s of SIGCONT")
 
     def _freeze_poll(self) -> None:
         """SIGSTOP the source's poller while a page it asked for is in flight; SIGCONT it once another process took the
@@ -444,10 +456,11 @@ class PgStorm:
                                    f"{'another process took the source over and polled' if took else 'NOT taken over'}")
         if not took:
             problems.append(f"no other process took the source over from the frozen poller within {LEASE + 10:g}s")
-        if not wait_for(lambda: SOURCE_REFUSED in target.err.read_text(errors="replace"), 5, 0.05):
+        if not wait_for(lambda: SOURCE_REFUSED in target.err.read_text(errors="replace"), self.refusal_wait, 0.05):
             after = [line for line in target.err.read_text(errors="replace").splitlines() if "poll leads" in line or "leads:" in line][-3:]
             problems.append(f"the poller frozen past its lease (process {target.index}) went on writing for the source after "
-                            f"another process took it over: no refused source write within 5s of SIGCONT; its last poll lines: {after}")
+                            f"another process took it over: no refused source write within {self.refusal_wait:g}s of SIGCONT; "
+                            f"its last poll lines: {after}")
 
     def _all_running(self) -> bool:
         if wait_for(lambda: sum(p.running() for p in self.current.values()) == self.slots, 20, 0.05):

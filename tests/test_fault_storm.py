@@ -1,16 +1,26 @@
 """The fault suite (issue 4): the kill storm and its negative controls, two agents at once, a full disk, a damaged ledger.
 
 All of it runs the real CLI as subprocesses against a real view server and a real
-idempotent HTTP sink on 127.0.0.1 (see ``storm.py`` for how the storm works). The
+idempotent HTTP sink on 127.0.0.1 (see ``storm.py`` for how the storm works; its
+generations are forked from a parent that imported the agent once,
+``STORM_FORK=0`` starts each with ``python -m agent``). The
 storm's view changes while it is polled: records are added, updated (sometimes
 with the old version left beside the new one, on a later page), deleted (also
 while a poll pages through it), and one record is dated 9999-12-31 throughout.
 
 The storm's size is a parameter: ``STORM_KILLS`` (default 20, the CI size),
 ``STORM_SEED`` (default 4), ``STORM_MIN_FIRINGS`` (how often every failpoint
-must fire: 2 by default, 10 from 100 kills on). A long run by hand:
+must fire: 2 by default, 10 from 100 kills on). ``STORM_PARTS`` (default 1)
+shares them out over that many independent storms (seeds ``STORM_SEED``,
+``STORM_SEED + 100``, ...), each judged in full on its own, so that parallel
+workers run them side by side: every part gets its share of the kills and
+must see every failpoint fire its share of the firings (rounded up), its own
+SIGTERM in the middle and its own drain. (In the whole suite one storm does
+better: it starts first, ends long before the suite, and costs less than two
+halves, each with its own drain.) A long run by hand:
 
     STORM_KILLS=200 .venv/bin/python -m pytest tests/test_fault_storm.py -s -k kill_storm
+    STORM_KILLS=200 STORM_PARTS=4 .venv/bin/python -m pytest tests/test_fault_storm.py -s -k kill_storm -n 4
 
 ``STORM_CONTROLS=all`` runs every negative control (a planted bug the storm must
 catch: a fresh key per attempt, done before sent, a resend, a cursor without
@@ -32,22 +42,90 @@ from pathlib import Path
 import pytest
 
 from sinkserver import SinkServer
-from storm import PASSWORD, Storm, agent_env, write_config
+from storm import PASSWORD, Launcher, Storm, agent_env, write_config
 from viewserver import ViewServer, make_leads
 
 KILLS = int(os.environ.get("STORM_KILLS", "20"))
 SEED = int(os.environ.get("STORM_SEED", "4"))
 MIN_FIRINGS = int(os.environ.get("STORM_MIN_FIRINGS", "10" if KILLS >= 100 else "2"))
+PARTS = max(1, int(os.environ.get("STORM_PARTS", "1")))
+# The storm's short timeouts are faults it provokes on purpose. The tests that are not storms are about the ledger and
+# the processes; on a busy machine, a page of 300 padded records can take longer than the storm's 0.5 s to serve.
+CALM = {"view_timeout": 10.0, "sink_timeout": 10.0}
 
 
-def test_kill_storm(tmp_path):
+def storm_parts(kills: int, min_firings: int, parts: int, seed: int) -> list[tuple[int, int, int]]:
+    """(seed, kills, min_firings) of each part: the kills shared out, the firings each part must see rounded up."""
+    parts = max(1, min(parts, kills or 1))
+    firings = -(-min_firings // parts)
+    return [(seed + 100 * part, kills // parts + (part < kills % parts), firings) for part in range(parts)]
+
+
+def test_the_parts_of_the_storm_cover_all_of_it():
+    for kills, firings, parts in [(20, 2, 2), (20, 2, 1), (21, 2, 4), (200, 10, 3), (3, 2, 5), (0, 2, 2)]:
+        shares = storm_parts(kills, firings, parts, SEED)
+        assert sum(k for _, k, _ in shares) == kills and sum(f for _, _, f in shares) >= firings
+        assert len({seed for seed, _, _ in shares}) == len(shares) and shares[0][0] == SEED
+
+
+def test_the_slowest_tests_start_first_each_on_a_worker_of_its_own():
+    from conftest import SLOW, start_order
+
+    for nodeid in SLOW:  # a renamed test would silently lose its place at the head
+        module, name = nodeid.split("::")
+        assert f"def {name}(" in (Path(__file__).parent.parent / module).read_text(), f"conftest.SLOW names no test: {nodeid}"
+    seconds = {"storm[one]": 17, "storm[two]": 16, "pg": 12, "chaining": 6, "thousand": 5}
+    nodeids = ["a", "thousand", "b", "chaining", "storm[one]", "c", "pg", "storm[two]"]
+
+    def order(workers: int) -> list[str]:
+        return [nodeids[i] for i in start_order(nodeids, workers, lambda nodeid: seconds.get(nodeid, 0))]
+
+    # xdist hands one worker the first two, the other the next two: the longest goes with the shorter of the next
+    assert order(2) == ["storm[one]", "chaining", "storm[two]", "pg", "thousand", "a", "b", "c"]
+    assert order(1) == ["storm[one]", "storm[two]", "pg", "chaining", "thousand", "a", "b", "c"]
+    assert order(3) == ["storm[one]", "thousand", "storm[two]", "chaining", "pg", "a", "b", "c"]
+    assert order(8) == ["storm[one]", "a", "storm[two]", "b", "pg", "c", "chaining", "thousand"]
+
+
+@pytest.mark.parametrize("seed,kills,min_firings", [pytest.param(*part, id=f"seed{part[0]}-{part[1]}kills")
+                                                      for part in storm_parts(KILLS, MIN_FIRINGS, PARTS, SEED)])
+def test_kill_storm(tmp_path, seed, kills, min_firings):
     started = time.monotonic()
-    report = Storm(tmp_path, kills=KILLS, seed=SEED, min_firings=MIN_FIRINGS).run()
-    print(f"\nkill storm: STORM_KILLS={KILLS} STORM_SEED={SEED} STORM_MIN_FIRINGS={MIN_FIRINGS}, {time.monotonic() - started:.1f}s")
+    report = Storm(tmp_path, kills=kills, seed=seed, min_firings=min_firings).run()
+    print(f"\nkill storm: seed {seed}, {kills} kills, every failpoint {min_firings}x (STORM_KILLS={KILLS} STORM_SEED={SEED} "
+          f"STORM_MIN_FIRINGS={MIN_FIRINGS} STORM_PARTS={PARTS}), {time.monotonic() - started:.1f}s")
     print(report.text())
-    assert report.figures["SIGKILLs sent"] >= KILLS
+    assert report.figures["SIGKILLs sent"] >= kills
     assert [rc for rc, _ in report.figures["SIGTERM stops (exit, seconds)"]] == [0, 0]  # mid-storm and after draining
     assert not report.problems, report.text()
+
+
+def test_a_launched_agent_runs_the_cli_in_its_folder_environment_and_files_and_ends_as_a_process_does(tmp_path):
+    """What the storms' generations are: `python -m agent ARGS`, forked from a parent that imported the agent."""
+    with SinkServer(key_field="sink_id") as sink, \
+            ViewServer(make_leads(3), page_size=10, username="integration", password=PASSWORD) as view:
+        write_config(tmp_path, view.url, sink.url, **CALM)
+        launcher = Launcher(agent_env(), tmp_path / "launcher.err")
+        try:
+            files = [tmp_path / name for name in ("once.out", "once.err", "run.out", "run.err", "bad.out", "bad.err")]
+            once = launcher.start(["--config", "agent.toml", "run", "--once"], tmp_path, *files[:2], agent_env(STORM_GENERATION="7"))
+            assert once.wait(30) == 0, files[1].read_text()
+            assert "sent: 3" in files[0].read_text() and once.pid != launcher.proc.pid
+            assert {r["headers"]["X-Storm-Generation"] for r in sink.requests} == {"7"}  # its own environment
+
+            running = launcher.start(["--config", "agent.toml", "run"], tmp_path, *files[2:4], agent_env())
+            assert _wait_for(lambda: "agent running" in files[3].read_text(), 20), files[3].read_text()
+            running.send_signal(signal.SIGTERM)
+            assert running.wait(20) == 0 and "agent stopped" in files[3].read_text()
+            killed = launcher.start(["--config", "agent.toml", "run"], tmp_path, *files[2:4], agent_env())
+            killed.kill()
+            assert killed.wait(20) == -signal.SIGKILL and killed.poll() == -signal.SIGKILL
+
+            bad = launcher.start(["--config", "missing.toml", "run"], tmp_path, *files[4:], agent_env())
+            assert bad.wait(20) == 2 and "missing.toml" in files[5].read_text() and "Traceback" not in files[5].read_text()
+        finally:
+            launcher.close()
+        assert launcher.proc.returncode == 0, (tmp_path / "launcher.err").read_text()
 
 
 # Each plant is a bug put into the agent processes from outside (a sitecustomize module; see storm.PLANTS),
@@ -117,7 +195,7 @@ def test_two_agents_started_at_once_one_runs_the_other_exits_3(tmp_path):
     logs.mkdir()
     with SinkServer(key_field="sink_id") as sink, \
             ViewServer(make_leads(12), page_size=10, username="integration", password=PASSWORD) as view:
-        cfg = write_config(tmp_path, view.url, sink.url)
+        cfg = write_config(tmp_path, view.url, sink.url, **CALM)
         ledger = tmp_path / "var" / "agent.db"
         for pair in range(pairs):
             view.records.append(make_leads(1, start=f"2027-04-01T00:{pair:02d}:00Z")[0])
@@ -214,7 +292,7 @@ def _delivered_once(sink: SinkServer, view: ViewServer) -> None:
 def test_full_disk_fails_loudly_sends_nothing_unrecorded_and_resumes(tmp_path, ledger_disk, spare):
     with SinkServer(key_field="sink_id") as sink, \
             ViewServer(make_leads(20), page_size=10, username="integration", password=PASSWORD) as view:
-        cfg = write_config(tmp_path, view.url, sink.url)
+        cfg = write_config(tmp_path, view.url, sink.url, **CALM)
         db = ledger_disk / "agent.db"
         first = _once(cfg)
         assert first.returncode == 0 and "sent: 20" in first.stdout, first.stderr
@@ -242,7 +320,7 @@ def test_full_disk_fails_loudly_sends_nothing_unrecorded_and_resumes(tmp_path, l
 def test_full_disk_under_a_running_agent_it_says_so_stays_up_and_resumes(tmp_path, ledger_disk):
     with SinkServer(key_field="sink_id") as sink, \
             ViewServer(make_leads(20), page_size=10, username="integration", password=PASSWORD) as view:
-        cfg = write_config(tmp_path, view.url, sink.url)
+        cfg = write_config(tmp_path, view.url, sink.url, **CALM)
         db = ledger_disk / "agent.db"
         proc, err = _popen(cfg, tmp_path, "daemon")
         try:
@@ -284,7 +362,7 @@ def _damage(db: Path, where: str) -> None:
 def test_a_damaged_ledger_stops_the_cli_with_exit_3_and_is_never_replaced(tmp_path, where):
     with SinkServer(key_field="sink_id") as sink, \
             ViewServer(_padded_leads(300, "2027-05-01T00:00:00Z"), page_size=10, username="integration", password=PASSWORD) as view:
-        cfg = write_config(tmp_path, view.url, sink.url)
+        cfg = write_config(tmp_path, view.url, sink.url, **CALM)
         db = tmp_path / "var" / "agent.db"
         assert _once(cfg).returncode == 0
         assert not Path(f"{db}-wal").exists()  # a clean stop checkpointed everything into the file
