@@ -39,6 +39,7 @@ import tomllib
 from pathlib import Path
 
 from common import ROOT, scratch, served
+from fileconfig import REST_HTTP_SMTP  # the config tests/test_cli_fast.py checks status's imports on
 
 TARGET = 0.15  # seconds over `python -c pass`
 AGENT = Path(sys.executable).with_name("agent")  # the installed console script beside this python
@@ -80,69 +81,11 @@ def _prepare(folder: Path) -> None:
     subprocess.run([str(AGENT), "run", "--once"], cwd=folder, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 
 
-REAL = """
-[agent]
-ledger = "var/agent.db"
-
-[sources.leads]
-kind = "rest"
-url = "{view}"
-every = "5m"
-id = "lastSubmissionID"
-updated = "lastModified"
-entity = "RecordId"
-first_run = "skip"
-params = {{ since = "{{{{ cursor }}}}" }}
-auth = {{ kind = "basic", username = "integration", password = "${{VIEW_PASSWORD:-not-checked}}" }}
-paging = {{ kind = "page", param = "page", size_param = "pageSize", size = 100, start = 1 }}
-
-[connectors.crm]
-kind = "http"
-base_url = "http://127.0.0.1:9/api"
-auth = {{ kind = "bearer", token = "${{CRM_TOKEN:-not-used}}" }}
-idempotency_header = "Idempotency-Key"
-[connectors.crm.objects.leads]
-path = "/leads"
-key = "email"
-
-[connectors.mail]
-kind = "smtp"
-host = "127.0.0.1"
-port = 9
-security = "none"
-sender = "sync-agent@example.invalid"
-
-[[flows]]
-name = "leads-to-crm"
-source = "leads"
-
-  [[flows.steps]]
-  kind = "map"
-  fields = {{ email = "{{{{ record.Email | lower }}}}", name = "{{{{ record.FirstName }}}} {{{{ record.LastName }}}}" }}
-
-  [[flows.steps]]
-  kind = "action"
-  action = "crm > leads > upsert"
-  body = "mapped"
-
-[[flows]]
-name = "lead-email"
-source = "leads"
-
-  [[flows.steps]]
-  kind = "action"
-  action = "mail > message > send"
-  to = "sales@example.invalid"
-  subject = "New lead: {{{{ record.FirstName }}}} {{{{ record.LastName }}}}"
-  text = "{{{{ record | tojson(indent=2) }}}}"
-"""
-
-
 def _prepare_real(folder: Path) -> None:
     """A rest -> http + smtp config with a ledger primed from a local view, which is stopped afterwards."""
     folder.mkdir()
     with served("view", 250) as view:
-        (folder / "agent.toml").write_text(REAL.format(view=view))
+        (folder / "agent.toml").write_text(REST_HTTP_SMTP.format(view=view))
         subprocess.run([str(AGENT), "run", "--once"], cwd=folder, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        check=True)  # first_run = "skip": the view's leads are primed, nothing goes to the sinks
 

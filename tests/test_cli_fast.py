@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fileconfig import REST_HTTP_SMTP
 from viewserver import ViewServer, make_leads
 
 HEAVY = ("pydantic", "pydantic_settings", "jinja2", "sqlite_utils", "loguru", "requests", "schedule",
@@ -99,52 +100,6 @@ ROOT = Path(__file__).resolve().parent.parent
 NOT_FOR_STATUS = ("email.parser", "email.feedparser", "agent.process", "agent.poller", "agent.flows", "requests", "loguru", "asyncio")
 # What a real config's plugin modules use to talk, not to describe their config: `status` talks to no one.
 NOT_FOR_REAL_STATUS = ("requests", "urllib3", "smtplib", "queue", "agent.flows", "agent.process", "agent.http", "loguru", "asyncio")
-REAL = """
-[agent]
-ledger = "var/agent.db"
-
-[sources.leads]
-kind = "rest"
-url = "{view}"
-id = "lastSubmissionID"
-updated = "lastModified"
-params = {{ since = "{{{{ cursor }}}}" }}
-auth = {{ kind = "basic", username = "integration", password = "${{VIEW_PASSWORD:-unused}}" }}
-paging = {{ kind = "page", param = "page", size_param = "pageSize", size = 10, start = 1 }}
-
-[connectors.crm]
-kind = "http"
-base_url = "http://127.0.0.1:9/api"
-auth = {{ kind = "bearer", token = "${{CRM_TOKEN:-unused}}" }}
-[connectors.crm.objects.leads]
-path = "/leads"
-key = "email"
-
-[connectors.mail]
-kind = "smtp"
-host = "127.0.0.1"
-port = 9
-security = "none"
-sender = "sync-agent@example.invalid"
-
-[[flows]]
-name = "to-crm"
-source = "leads"
-  [[flows.steps]]
-  kind = "action"
-  action = "crm > leads > upsert"
-  body = {{ email = "{{{{ record.Email }}}}" }}
-
-[[flows]]
-name = "to-mail"
-source = "leads"
-  [[flows.steps]]
-  kind = "action"
-  action = "mail > message > send"
-  to = "sales@example.invalid"
-  subject = "New lead: {{{{ record.FirstName }}}}"
-  text = "{{{{ record | tojson }}}}"
-"""
 
 
 def sample(folder: Path) -> Path:
@@ -176,7 +131,7 @@ def test_status_on_the_sample_config_loads_neither_the_email_parser_nor_the_agen
 def test_status_on_a_rest_http_smtp_config_loads_no_http_or_smtp_library(tmp_path):
     """The plugin modules are loaded for their config models; what they send with comes only when they send."""
     with ViewServer(make_leads(25), paging="page", page_size=10) as view:  # the first poll primes the ledger, nothing is sent
-        (tmp_path / "agent.toml").write_text(REAL.format(view=view.url))
+        (tmp_path / "agent.toml").write_text(REST_HTTP_SMTP.format(view=view.url))
         done = subprocess.run([sys.executable, "-m", "agent", "run", "--once"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr[-2000:]
     report = fresh("import json, sys\nfrom agent.cli import main\nstatus = main(['status'])\n"
