@@ -84,7 +84,7 @@ FLOW_STATUSES = tuple(Status)  # as listings show them
 STATUSES = FLOW_STATUSES + ("quarantined",)  # what `executions --status` takes (quarantined: records, not executions)
 
 TOUCH_EVERY = 3600.0  # a re-shown key's last_seen is refreshed at most this often (a write per page, not per poll)
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # One list of schema versions for both backends; each backend brings its ledger from any of them to the last.
 SCHEMA_VERSIONS = {
     1: "records, executions, attempts, cursors, polls, quarantine, meta",
@@ -94,6 +94,7 @@ SCHEMA_VERSIONS = {
     5: "fenced leases: executions.epoch and owner, source_leases, agents",
     6: "claim indexes: unfinished work by (next_at, id) and by (flow, entity)",
     7: "compact seen records: records.hash as HASH_BYTES raw bytes; records.id and last_seen kept only where they differ",
+    8: "running work by the end of its lease: an agent wakes when another agent's lease on work runs out",
 }
 # A seen record's content hash as the ledger keeps it: the first 128 bits of the SHA-256 of its canonical JSON
 # (raw bytes; shown as hex). Seen records stay for as long as their view can show them, so their rows are most of a

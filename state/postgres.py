@@ -63,6 +63,8 @@ _SCHEMA = (
     # both hold only unfinished rows, so millions of finished ones cost the claim nothing
     f"CREATE INDEX executions_due ON executions (next_at, id) WHERE status {IN_ACTIVE}",
     f"CREATE INDEX executions_unfinished ON executions (flow, entity) WHERE status {IN_ACTIVE}",
+    # running rows only, by the end of their lease: when another agent's lease on work runs out (next_due)
+    "CREATE INDEX executions_leased ON executions (lease_until) WHERE status = 'running'",
     "CREATE INDEX executions_flow_entity ON executions (flow, entity, id)",
     "CREATE INDEX executions_source_key ON executions (source, key)",
     "CREATE INDEX executions_flow_status ON executions (flow, status)",
@@ -102,14 +104,18 @@ def _compact_records(conn: psycopg.Connection) -> None:
 
 
 # version -> the steps (statements, or functions of the connection) that bring a ledger from the version before to it
-_UPGRADES: dict[int, tuple[str | Callable[[psycopg.Connection], None], ...]] = {7: (_compact_records,)}
+_UPGRADES: dict[int, tuple[str | Callable[[psycopg.Connection], None], ...]] = {
+    7: (_compact_records,),
+    8: ("CREATE INDEX IF NOT EXISTS executions_leased ON executions (lease_until) WHERE status = 'running'",),
+}
 
 # `a` comes before `b` among versions of one entity: by `updated` where known, then by arrival
 _BEFORE = ("(COALESCE({a}.version_at, %r) < COALESCE({b}.version_at, %r) OR (COALESCE({a}.version_at, %r) ="
            " COALESCE({b}.version_at, %r) AND {a}.id < {b}.id))") % ((_UNKNOWN,) * 4)
 
 # One statement takes due work and running work whose lease ran out (another agent's), skipping rows another
-# claimer holds; a version waits while its entity has one running or an earlier one unfinished. Both kinds are
+# claimer holds; a version waits while its entity has one running or an earlier one unfinished (running work whose
+# lease ran out waits for no earlier version: one admitted while it ran waits for it, and waiting both ways held both). Both kinds are
 # read in (next_at, id) order from one index (a running row's lease always ends after its next_at), so the walk
 # stops after `limit` claimable rows however much work waits.
 _CLAIM = (
@@ -118,7 +124,7 @@ _CLAIM = (
     f" WHERE e.status {IN_ACTIVE} AND e.next_at <= %(now)s"
     "  AND (e.status <> 'running' OR (e.lease_until < %(now)s AND (e.owner IS NULL OR e.owner <> %(me)s)))"
     "  AND NOT EXISTS (SELECT 1 FROM executions o WHERE o.flow = e.flow AND o.entity = e.entity AND o.id <> e.id"
-    f"  AND o.single = 0 AND e.single = 0 AND o.status {IN_ACTIVE} AND (o.status = 'running' OR {_BEFORE.format(a='o', b='e')}))"
+    f"  AND o.single = 0 AND e.single = 0 AND o.status {IN_ACTIVE} AND (o.status = 'running' OR (e.status <> 'running' AND {_BEFORE.format(a='o', b='e')})))"
     " ORDER BY e.next_at, e.id LIMIT %(limit)s FOR UPDATE OF e SKIP LOCKED)"
     " UPDATE executions x SET status = 'running', attempts = x.attempts + 1, first_attempt = COALESCE(x.first_attempt, %(now)s),"
     " lease_until = %(until)s, owner = %(me)s, epoch = x.epoch + 1, updated = %(now)s"

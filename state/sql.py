@@ -17,6 +17,7 @@ PostgreSQL's ``Statements`` rewrite ``?`` to ``%s`` (and a literal ``%`` to ``%%
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Iterable, Protocol, Sequence
@@ -29,6 +30,9 @@ def _sql_list(values: Iterable[str]) -> str:
 
 
 IN_WAITING = "IN " + _sql_list(WAITING)
+# when the first lease another agent holds on running work runs out (an index holds running rows only)
+NEXT_LAPSE = ("SELECT MIN(lease_until) FROM executions WHERE status = 'running' AND lease_until > ?"
+              " AND (owner IS NULL OR owner <> ?)")
 IN_ACTIVE = "IN " + _sql_list(ACTIVE)
 IN_MOVABLE = "IN " + _sql_list(MOVABLE)
 IN_FINISHED = "IN " + _sql_list(FINISHED)
@@ -228,9 +232,13 @@ class SqlLedger(ABC):
 
     # -- delivery -----------------------------------------------------------------
     def next_due(self, after: float | None = None) -> float | None:
-        """The earliest time a waiting execution becomes due (later than ``after`` when given), or None."""
-        since = "" if after is None else " AND next_at > ?"
-        return self._tuples(f"SELECT MIN(next_at) FROM executions WHERE status {IN_WAITING}{since}", () if after is None else (after,))[0][0]
+        """The earliest time work becomes claimable (later than ``after`` when given), or None: a waiting execution's
+        next attempt, or the end of another agent's lease on running work (it froze or died: this agent takes it over
+        then, not at its next poll). This agent's own running work is not waited for: its heartbeat renews it."""
+        after = -math.inf if after is None else after
+        due = self._tuples(f"SELECT MIN(next_at) FROM executions WHERE status {IN_WAITING} AND next_at > ?", (after,))[0][0]
+        lapse = self._tuples(NEXT_LAPSE, (after, self.worker))[0][0]
+        return min((t for t in (due, lapse) if t is not None), default=None)
 
     # -- config versions -----------------------------------------------------------------
     def config_versions(self) -> list[dict]:

@@ -490,7 +490,8 @@ class SqliteLedger(SqlLedger):
 
     def _due(self, conn: sqlite3.Connection, now: float, limit: int) -> list[dict]:
         """Due waiting work and running work whose lease ran out (another agent's);
-        a version waits while its entity has one running or an earlier one unfinished."""
+        a version waits while its entity has one running or an earlier one unfinished (running work whose lease ran
+        out waits for no earlier version: one admitted while it ran waits for it, and waiting both ways held both)."""
         earlier = self._BEFORE.format(a="o", b="e")
         # one walk of the executions_due index in (next_at, id) order that stops at the limit: a running row is
         # in it too (its lease always ends after its next_at), claimable once its lease ran out
@@ -499,7 +500,7 @@ class SqliteLedger(SqlLedger):
             " AND (e.status != 'running' OR (e.lease_until < ? AND (e.owner IS NULL OR e.owner != ?)))"
             " AND NOT EXISTS (SELECT 1 FROM executions o INDEXED BY executions_unfinished WHERE o.flow = e.flow"
             f" AND o.entity = e.entity AND o.id != e.id AND o.single = 0 AND e.single = 0 AND o.status {IN_ACTIVE}"
-            f" AND (o.status = 'running' OR {earlier}))"
+            f" AND (o.status = 'running' OR (e.status != 'running' AND {earlier})))"
             " ORDER BY e.next_at, e.id LIMIT ?",
             (now, now, self.worker, limit),
         )

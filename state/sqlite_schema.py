@@ -116,3 +116,10 @@ def m007_compact_records(db: Database) -> None:
                " FROM records_6 ORDER BY source, key")
     db.execute("DROP TABLE records_6")
     db["records"].create_index(["source", "hash"])  # re-keying: a version known under the previous identity
+
+
+@migrations()
+def m008_running_by_lease(db: Database) -> None:
+    # an agent with nothing due sleeps until the first lease on running work held by another agent runs out: this
+    # index holds running rows only (a few per agent), so finding that moment costs nothing however much work waits
+    db.execute("CREATE INDEX executions_leased ON executions (lease_until) WHERE status = 'running'")

@@ -244,6 +244,32 @@ def test_expired_work_of_another_agent_is_taken_over_and_the_old_finish_rejected
     assert [a["outcome"] for a in taker.attempts_of(old.id)] == ["interrupted", "succeeded"]
 
 
+def test_next_due_names_the_moment_another_agents_lease_on_running_work_runs_out(ledger_factory, ledger):
+    """An agent with nothing else due must wake when a lapsed lease makes work claimable, not at its next poll."""
+    ledger.admit("s", [item("1"), item("2"), item("3")], [("f", False)], NOW)
+    [held] = ledger.claim(NOW, 1, LEASE)
+    ledger_factory.sql("UPDATE executions SET owner = ?, lease_until = ? WHERE id = ?", OTHER, NOW + 20, held.id)
+    ledger.claim(NOW, 10, LEASE)  # this agent's own running work: its lease is renewed by itself, never waited for
+    assert ledger.next_due(after=NOW) == NOW + 20
+    assert ledger.next_due(after=NOW + 20) is None  # lapsed already: the claim at that moment took it or will
+    assert ledger.claim(NOW + 21, 10, LEASE)[0].id == held.id
+
+
+def test_expired_work_is_taken_over_even_when_an_earlier_version_was_admitted_while_it_ran(ledger_factory, ledger):
+    """v2 is running on an agent that froze; v1 (an earlier version) arrives meanwhile. v1 waits for v2 (running), so
+    v2 must not wait for v1: it is taken over once its lease runs out, then v1 goes. Waiting both ways held both for good."""
+    store = ledger_factory
+    ledger.admit("s", [item("v2", "E", at=2.0)], [("f", False)], NOW)
+    [v2] = ledger.claim(NOW, 10, LEASE)
+    store.sql("UPDATE executions SET owner = ? WHERE id = ?", OTHER, v2.id)  # another agent's claim, played
+    ledger.admit("s", [item("v1", "E", at=1.0)], [("f", False)], NOW + 1)
+    assert ledger.claim(NOW + 2, 10, LEASE) == []  # v2 runs: nothing of E goes beside it
+    [again] = ledger.claim(NOW + LEASE + 1, 10, LEASE)
+    assert (again.id, again.key) == (v2.id, "v2")
+    ledger.finish(again, done(again), NOW + LEASE + 2)
+    assert [ex.key for ex in ledger.claim(NOW + LEASE + 3, 10, LEASE)] == ["v1"]
+
+
 def test_recover_makes_this_agents_running_work_due_at_once(ledger):
     ledger.admit("s", [item("1"), item("2")], [("f", False)], NOW)
     [ex] = ledger.claim(NOW, 1, LEASE)
