@@ -244,6 +244,8 @@ class Poller:
         log = logger.bind(source=name)
         identity = source_identity(cfg)
         row, rekey = self._identity_check(name, cfg, identity, log)
+        if rekey:  # records known under the previous identity are found by their content: indexed for this poll only
+            self.ledger.content_index(True)
         cursor = row["value"] if row else None
         flows = [(flow.name, cfg.supersede) for flow in self.config.flows_of(name)]
         self._warn_gap(name, cfg, row, log)
@@ -279,6 +281,8 @@ class Poller:
             self.ledger.end_poll(poll_id, name, self.clock(), pages=result.pages, fetched=result.fetched, new=result.new,
                                  primed=result.primed, quarantined=result.quarantined, error=result.error, cursor=result.cursor,
                                  identity=json.dumps(identity, sort_keys=True))
+            if rekey and result.error is None:  # the new identity is recorded: no poll re-keys until it changes again
+                self.ledger.content_index(False)
         self._log(result, log)
         return result
 

@@ -84,7 +84,7 @@ FLOW_STATUSES = tuple(Status)  # as listings show them
 STATUSES = FLOW_STATUSES + ("quarantined",)  # what `executions --status` takes (quarantined: records, not executions)
 
 TOUCH_EVERY = 3600.0  # a re-shown key's last_seen is refreshed at most this often (a write per page, not per poll)
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # One list of schema versions for both backends; each backend brings its ledger from any of them to the last.
 SCHEMA_VERSIONS = {
     1: "records, executions, attempts, cursors, polls, quarantine, meta",
@@ -95,6 +95,7 @@ SCHEMA_VERSIONS = {
     6: "claim indexes: unfinished work by (next_at, id) and by (flow, entity)",
     7: "compact seen records: records.hash as HASH_BYTES raw bytes; records.id and last_seen kept only where they differ",
     8: "running work by the end of its lease: an agent wakes when another agent's lease on work runs out",
+    9: "no standing index of seen records by content hash: re-keying builds it for its poll (it cost most of an admission)",
 }
 # A seen record's content hash as the ledger keeps it: the first 128 bits of the SHA-256 of its canonical JSON
 # (raw bytes; shown as hex). Seen records stay for as long as their view can show them, so their rows are most of a
@@ -197,6 +198,10 @@ class Ledger(Protocol):
     def seen(self, source: str, keys: set[str]) -> dict[str, float]: ...
     def known_content(self, source: str, hashes: set[bytes]) -> set[bytes]:
         """The content hashes of ``hashes`` the ledger holds for this source (under any key)."""
+    def content_index(self, build: bool) -> None:
+        """Build (or drop) the index of seen records by content hash that ``known_content`` reads. Only a re-key poll
+        reads it, and kept standing it would cost every admission most of its time (random keys: a write to a page of
+        it per record), so a re-key poll builds it first and drops it once it succeeded."""
     def quarantine(self, source: str, hash: str, reason: str, page: str, excerpt: str, now: float) -> bool: ...
 
     # -- polls and cursors

@@ -30,6 +30,7 @@ def _sql_list(values: Iterable[str]) -> str:
 
 
 IN_WAITING = "IN " + _sql_list(WAITING)
+CONTENT_INDEX = "records_by_content"  # built by a re-key poll for itself: Ledger.content_index
 # when the first lease another agent holds on running work runs out (an index holds running rows only)
 NEXT_LAPSE = ("SELECT MIN(lease_until) FROM executions WHERE status = 'running' AND lease_until > ?"
               " AND (owner IS NULL OR owner <> ?)")
@@ -231,6 +232,16 @@ class SqlLedger(ABC):
         self._held.clear()
 
     # -- delivery -----------------------------------------------------------------
+    def content_index(self, build: bool) -> None:
+        """Build (or drop) the index of seen records by content hash that only a re-key poll reads (see Ledger)."""
+        with self._atomic() as tx:
+            self._lock_schema(tx)
+            tx.execute(f"CREATE INDEX IF NOT EXISTS {CONTENT_INDEX} ON records (source, hash)" if build
+                       else f"DROP INDEX IF EXISTS {CONTENT_INDEX}")
+
+    def _lock_schema(self, tx: Statements) -> None:
+        """Agents changing the schema together do it one at a time (one file's writer lock does this on SQLite)."""
+
     def next_due(self, after: float | None = None) -> float | None:
         """The earliest time work becomes claimable (later than ``after`` when given), or None: a waiting execution's
         next attempt, or the end of another agent's lease on running work (it froze or died: this agent takes it over

@@ -123,3 +123,10 @@ def m008_running_by_lease(db: Database) -> None:
     # an agent with nothing due sleeps until the first lease on running work held by another agent runs out: this
     # index holds running rows only (a few per agent), so finding that moment costs nothing however much work waits
     db.execute("CREATE INDEX executions_leased ON executions (lease_until) WHERE status = 'running'")
+
+
+@migrations()
+def m009_no_standing_content_index(db: Database) -> None:
+    # re-keying alone reads seen records by content hash; the index cost every admission most of its time (a random
+    # 16-byte key: a leaf page of it written per record). A re-key poll builds it for itself (content_index).
+    db.execute("DROP INDEX IF EXISTS idx_records_source_hash")

@@ -4,6 +4,7 @@ The real CLI in-process against a real HTTP sink on 127.0.0.1 that records
 every request with its idempotency key, and a file source or a view server.
 """
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,8 @@ def test_changing_the_id_field_does_not_send_known_records_again(tmp_path, capfd
     code, out, err = cli(capfd, cfg, "run", "--once")
     assert code == 0 and "sent: 0" in out and "new: 0" in out
     assert "re-keyed 2 record(s)" in err and "id 'sid' -> 'uuid'" in err
+    with sqlite3.connect(tmp_path / "var" / "agent.db") as db:  # the index re-keying read was for its poll only
+        assert db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'records' AND sql LIKE '%hash%'").fetchall() == []
     write_people(tmp_path, PEOPLE + [{"sid": "S3", "uuid": "u-3", "name": "Hedy"}, {**PEOPLE[0], "uuid": "u-1b", "name": "Ada L."}])
     code, out, err = cli(capfd, cfg, "run", "--once")
     assert "sent: 2" in out and "re-keyed" not in err  # the identity is settled: new versions are delivered as usual

@@ -27,7 +27,7 @@ def test_fresh_file_is_created_migrated_and_private(tmp_path):
     path = tmp_path / "var" / "agent.db"
     with Ledger(path) as led:
         assert set(led.db.table_names()) >= {"records", "executions", "attempts", "cursors", "polls", "meta", "quarantine"}
-        assert led.db["meta"].get("schema_version")["value"] == "8"
+        assert led.db["meta"].get("schema_version")["value"] == "9"
         assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     for name in ("agent.db", "agent.db-wal", "agent.db-shm"):
@@ -322,7 +322,7 @@ def test_an_old_ledger_migrates_forward_and_keeps_its_records(tmp_path):
     db.conn.close()
     with Ledger(path) as led:
         assert led.seen("s", {"k"}) == {"k": NOW}
-        assert led.db["meta"].get("schema_version")["value"] == "8"
+        assert led.db["meta"].get("schema_version")["value"] == "9"
     assert sqlite3.connect(path).execute("SELECT last_seen FROM records").fetchone() == (None,)
 
 
@@ -377,7 +377,7 @@ def test_a_ledger_of_schema_4_migrates_to_fenced_leases_without_loss(tmp_path):
     path = tmp_path / "agent.db"
     shutil.copy(Path(__file__).parent / "data" / "ledger-schema4.db", path)
     with Ledger(path) as led:
-        assert led.db["meta"].get("schema_version")["value"] == "8"
+        assert led.db["meta"].get("schema_version")["value"] == "9"
         assert set(led.seen("s", {"0", "1", "2", "3"})) == {"0", "1", "2", "3"}
         assert led.cursor("s")["value"] == "2026-01-01T00:00:00Z"
         assert led.record("s", "2") == {"source": "s", "key": "2", "id": "2", "version": "", "hash": None,  # "h2": not a hash an agent wrote

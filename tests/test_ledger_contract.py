@@ -133,6 +133,26 @@ def test_a_seen_record_is_kept_compact_and_read_back_whole(ledger_factory, ledge
     assert ledger.record("s", "S1")["last_seen"] == later
 
 
+def content_indexes(store: Store) -> list[str]:
+    if store.kind == "sqlite":
+        return [r[0] for r in store.sql("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'records' AND sql LIKE '%hash%'")]
+    return [r[0] for r in store.sql("SELECT indexname FROM pg_indexes WHERE tablename = 'records' AND indexdef LIKE '%%hash%%'")]
+
+
+def test_seen_records_are_indexed_by_content_only_while_a_re_key_poll_asks(ledger_factory, ledger):
+    """An admission writes a seen record's key index alone: the content hash (random) is indexed only for re-keying."""
+    ledger.admit("s", [item("1"), item("2")], [], NOW)
+    assert content_indexes(ledger_factory) == []
+    assert ledger.known_content("s", {b"h1", b"h9"}) == {b"h1"}  # found without it, only slower
+    ledger.content_index(True)
+    ledger.content_index(True)  # a re-key poll that failed and runs again
+    assert len(content_indexes(ledger_factory)) == 1
+    ledger.admit("s", [item("3")], [], NOW)
+    assert ledger.known_content("s", {b"h1", b"h3", b"h9"}) == {b"h1", b"h3"}
+    ledger.content_index(False)
+    assert content_indexes(ledger_factory) == []
+
+
 def test_priming_marks_seen_without_work(ledger):
     primed = item("p")
     primed.prime = True

@@ -169,11 +169,11 @@ def show(folder: Path, source: str, records: list[dict]) -> None:
     (folder / f"{source}.json").write_text(json.dumps({"records": records}))
 
 
-def test_schema_8_is_the_last_step_of_the_sqlite_migrations_and_is_described():
+def test_schema_9_is_the_last_step_of_the_sqlite_migrations_and_is_described():
     from sqlite_utils import Database
 
     names = [m.name for m in state.sqlite_schema.migrations.pending(Database(memory=True))]
-    assert (SCHEMA_VERSION, len(names), names[-1]) == (8, 8, "m008_running_by_lease")
+    assert (SCHEMA_VERSION, len(names), names[-1]) == (9, 9, "m009_no_standing_content_index")
     assert sorted(SCHEMA_VERSIONS) == list(range(1, SCHEMA_VERSION + 1))
 
 
@@ -182,7 +182,7 @@ def test_every_seen_record_is_kept_with_its_hash_as_16_bytes(old):
     before = fixture_rows("records", COLUMNS)
     assert len(before) == 8 and all(len(row[4]) == 64 for row in before)  # hex text, as schema 6 wrote it
     ledger = old.open()
-    assert old.sql("SELECT value FROM meta WHERE name = 'schema_version'") == [("8",)]
+    assert old.sql("SELECT value FROM meta WHERE name = 'schema_version'") == [("9",)]
     for source, key, id, version, hash, first_seen, last_seen in before:
         assert ledger.record(source, key) == {"source": source, "key": key, "id": id, "version": version, "hash": hash[:2 * HASH_BYTES],
                                               "first_seen": first_seen, "last_seen": last_seen}
