@@ -110,19 +110,20 @@ def test_a_launched_agent_runs_the_cli_in_its_folder_environment_and_files_and_e
             files = [tmp_path / name for name in ("once.out", "once.err", "run.out", "run.err", "bad.out", "bad.err")]
             once = launcher.start(["--config", "agent.toml", "run", "--once"], tmp_path, *files[:2], agent_env(STORM_GENERATION="7"))
             assert once.wait(30) == 0, files[1].read_text()
-            assert "sent: 3" in files[0].read_text() and once.pid != launcher.proc.pid
+            assert "sent: 3" in files[0].read_text() and once.pid != launcher.proc.pid, files[0].read_text() + files[1].read_text()
             assert {r["headers"]["X-Storm-Generation"] for r in sink.requests} == {"7"}  # its own environment
 
             running = launcher.start(["--config", "agent.toml", "run"], tmp_path, *files[2:4], agent_env())
             assert _wait_for(lambda: "agent running" in files[3].read_text(), 20), files[3].read_text()
             running.send_signal(signal.SIGTERM)
-            assert running.wait(20) == 0 and "agent stopped" in files[3].read_text()
+            assert running.wait(20) == 0 and "agent stopped" in files[3].read_text(), (running.returncode, files[3].read_text())
             killed = launcher.start(["--config", "agent.toml", "run"], tmp_path, *files[2:4], agent_env())
             killed.kill()
-            assert killed.wait(20) == -signal.SIGKILL and killed.poll() == -signal.SIGKILL
+            assert killed.wait(20) == -signal.SIGKILL and killed.poll() == -signal.SIGKILL, (killed.returncode, files[3].read_text())
 
             bad = launcher.start(["--config", "missing.toml", "run"], tmp_path, *files[4:], agent_env())
-            assert bad.wait(20) == 2 and "missing.toml" in files[5].read_text() and "Traceback" not in files[5].read_text()
+            assert bad.wait(20) == 2 and "missing.toml" in files[5].read_text() and "Traceback" not in files[5].read_text(), \
+                (bad.returncode, files[5].read_text())
         finally:
             launcher.close()
         assert launcher.proc.returncode == 0, (tmp_path / "launcher.err").read_text()
