@@ -251,6 +251,8 @@ def become(request):
         os.dup2(opened, fd)
         os.close(opened)
     sys.argv = ["agent", *request["args"]]
+    import faulthandler  # SIGUSR1: every thread's stack into its error output (a storm's post-mortem of a stuck agent)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 preload()
 gc.freeze()  # what the imports made is shared with every child and never walked again
