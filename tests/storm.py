@@ -483,6 +483,7 @@ class ChaosSink(SinkServer):
                 event.delivery = "dropped" if fault == "drop" else "slow"
                 self.counts[fault] += 1
             self.events.append(event)
+        request["event"] = event  # what a subclass may look at: this request's event
         if event.delivery == "slow":
             time.sleep(self.slow)  # accepted, but the answer comes after the agent stopped waiting
         return None if event.delivery == "dropped" else answer
