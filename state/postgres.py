@@ -115,16 +115,17 @@ _BEFORE = ("(COALESCE({a}.version_at, %r) < COALESCE({b}.version_at, %r) OR (COA
 
 # One statement takes due work and running work whose lease ran out (another agent's), skipping rows another
 # claimer holds; a version waits while its entity has one running or an earlier one unfinished (running work whose
-# lease ran out waits for no earlier version: one admitted while it ran waits for it, and waiting both ways held both). Both kinds are
-# read in (next_at, id) order from one index (a running row's lease always ends after its next_at), so the walk
-# stops after `limit` claimable rows however much work waits.
+# lease ran out waits for no earlier version: one admitted while it ran waits for it, and waiting both ways held
+# both). Both kinds are read in (next_at, id) order from one index (a running row's lease always ends after its
+# next_at), so the walk stops after `limit` claimable rows however much work waits.
 _CLAIM = (
     "WITH due AS MATERIALIZED ("
     " SELECT e.id, e.status AS was FROM executions e"
     f" WHERE e.status {IN_ACTIVE} AND e.next_at <= %(now)s"
     "  AND (e.status <> 'running' OR (e.lease_until < %(now)s AND (e.owner IS NULL OR e.owner <> %(me)s)))"
     "  AND NOT EXISTS (SELECT 1 FROM executions o WHERE o.flow = e.flow AND o.entity = e.entity AND o.id <> e.id"
-    f"  AND o.single = 0 AND e.single = 0 AND o.status {IN_ACTIVE} AND (o.status = 'running' OR (e.status <> 'running' AND {_BEFORE.format(a='o', b='e')})))"
+    f"  AND o.single = 0 AND e.single = 0 AND o.status {IN_ACTIVE}"
+    f"  AND (o.status = 'running' OR (e.status <> 'running' AND {_BEFORE.format(a='o', b='e')})))"
     " ORDER BY e.next_at, e.id LIMIT %(limit)s FOR UPDATE OF e SKIP LOCKED)"
     " UPDATE executions x SET status = 'running', attempts = x.attempts + 1, first_attempt = COALESCE(x.first_attempt, %(now)s),"
     " lease_until = %(until)s, owner = %(me)s, epoch = x.epoch + 1, updated = %(now)s"

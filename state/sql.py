@@ -30,13 +30,13 @@ def _sql_list(values: Iterable[str]) -> str:
 
 
 IN_WAITING = "IN " + _sql_list(WAITING)
+IN_ACTIVE = "IN " + _sql_list(ACTIVE)
+IN_MOVABLE = "IN " + _sql_list(MOVABLE)
+IN_FINISHED = "IN " + _sql_list(FINISHED)
 CONTENT_INDEX = "records_by_content"  # built by a re-key poll for itself: Ledger.content_index
 # when the first lease another agent holds on running work runs out (an index holds running rows only)
 NEXT_LAPSE = ("SELECT MIN(lease_until) FROM executions WHERE status = 'running' AND lease_until > ?"
               " AND (owner IS NULL OR owner <> ?)")
-IN_ACTIVE = "IN " + _sql_list(ACTIVE)
-IN_MOVABLE = "IN " + _sql_list(MOVABLE)
-IN_FINISHED = "IN " + _sql_list(FINISHED)
 EXECUTION_COLUMNS = "id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version"
 
 # A seen record keeps its id only where it is not its key (under dedupe = "id" it is) and its last_seen only once a
@@ -231,7 +231,7 @@ class SqlLedger(ABC):
         self._lost.update(self._held)
         self._held.clear()
 
-    # -- delivery -----------------------------------------------------------------
+    # -- re-keying ----------------------------------------------------------------
     def content_index(self, build: bool) -> None:
         """Build (or drop) the index of seen records by content hash that only a re-key poll reads (see Ledger)."""
         with self._atomic() as tx:
@@ -242,6 +242,7 @@ class SqlLedger(ABC):
     def _lock_schema(self, tx: Statements) -> None:
         """Agents changing the schema together do it one at a time (one file's writer lock does this on SQLite)."""
 
+    # -- delivery -----------------------------------------------------------------
     def next_due(self, after: float | None = None) -> float | None:
         """The earliest time work becomes claimable (later than ``after`` when given), or None: a waiting execution's
         next attempt, or the end of another agent's lease on running work (it froze or died: this agent takes it over

@@ -426,8 +426,11 @@ class PgStorm:
                          LEASE + 10, 0.05)
         self._resume(target, stop, f"held key {key}; {'sent again by another process' if again else 'NOT sent again by another process'}")
         if not again:
-            problems.append(f"no other process sent the frozen process's request again within {LEASE + 10:g}s (key {key}); "
-                            f"{self._stuck(target, key)}")
+            try:
+                why = self._stuck(target, key)
+            except Exception as error:  # the explanation must never hide the problem
+                why = f"(could not look: {type(error).__name__}: {error})"
+            problems.append(f"no other process sent the frozen process's request again within {LEASE + 10:g}s (key {key}); {why}")
         if not wait_for(lambda: REFUSED in target.err.read_text(errors="replace"), self.refusal_wait, 0.05):
             problems.append(f"the frozen process {target.index} logged no refused outcome within {self.refusal_wait:g}s of SIGCONT")
 
@@ -467,8 +470,8 @@ class PgStorm:
                             f"its last poll lines: {after}")
 
     def _stuck(self, frozen: Process, key: str) -> str:
-        """What held a request up: its execution and its entity's unfinished ones, the sessions in a transaction;
-        each live process writes its threads' stacks into its log (SIGUSR1, when forked by the Launcher)."""
+        """What held a request up: its entity's executions, its attempts, what the sink saw of it, the sessions in a
+        transaction; each live process writes its threads' stacks into its log (SIGUSR1, when forked by the Launcher)."""
         record = next((e.version for e in list(self.sink.events) if e.key == key), None)
         with psycopg.connect(self.url, autocommit=True) as conn:
             rows = conn.execute(
