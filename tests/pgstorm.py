@@ -507,13 +507,15 @@ class PgStorm:
         if not busy:
             target.signal = "STOP"
             return stop
-        target.proc.send_signal(signal.SIGCONT)
         stop.until, stop.detail = time.monotonic(), f"resumed at once: frozen inside a transaction {busy}"
+        target.proc.send_signal(signal.SIGCONT)  # after `until`: a request the process sends once resumed comes later
         return None
 
     def _resume(self, target: Process, stop: Fault, detail: str) -> None:
-        target.proc.send_signal(signal.SIGCONT)
+        # `until` before the signal: the signal travels through the Launcher, and a step the process carried on with can
+        # reach the sink before the answer comes back (it did, 0.02 s after SIGCONT, and was judged a resend)
         stop.until, stop.detail = time.monotonic(), detail
+        target.proc.send_signal(signal.SIGCONT)
 
     def _lease(self) -> tuple[str | None, int | None]:
         """The source's lease: (owner, epoch)."""
