@@ -134,10 +134,6 @@ class _Worker:
         """False while a job runs, also one its caller stopped waiting for."""
         return self._idle.is_set()
 
-    def run(self, job: Callable[[], Any], timeout: float, interrupt: threading.Event | None = None) -> dict[str, Any] | None:
-        """{"answer": ...} or {"error": ...} of `job`, or None when it is not done within `timeout` (or `interrupt` is set)."""
-        return self.wait(self.start(job), time.monotonic() + timeout, interrupt)
-
     def start(self, job: Callable[[], Any]) -> _Ticket:
         """Hand `job` to the thread (started when there is none) and return at once."""
         ticket = _Ticket({}, threading.Event())

@@ -37,6 +37,9 @@ CONTENT_INDEX = "records_by_content"  # built by a re-key poll for itself: Ledge
 # when the first lease another agent holds on running work runs out (an index holds running rows only)
 NEXT_LAPSE = ("SELECT MIN(lease_until) FROM executions WHERE status = 'running' AND lease_until > ?"
               " AND (owner IS NULL OR owner <> ?)")
+# when work next becomes claimable: a waiting execution's next attempt or another agent's lapsed lease (one round trip)
+NEXT_DUE = (f"SELECT MIN(t) FROM (SELECT MIN(next_at) AS t FROM executions WHERE status {IN_WAITING} AND next_at > ?"
+            f" UNION ALL {NEXT_LAPSE}) AS due")
 EXECUTION_COLUMNS = "id, flow, source, key, entity, step, status, attempts, next_at, last_error, created, updated, version"
 
 # A seen record keeps its id only where it is not its key (under dedupe = "id" it is) and its last_seen only once a
@@ -248,9 +251,7 @@ class SqlLedger(ABC):
         next attempt, or the end of another agent's lease on running work (it froze or died: this agent takes it over
         then, not at its next poll). This agent's own running work is not waited for: its heartbeat renews it."""
         after = -math.inf if after is None else after
-        due = self._tuples(f"SELECT MIN(next_at) FROM executions WHERE status {IN_WAITING} AND next_at > ?", (after,))[0][0]
-        lapse = self._tuples(NEXT_LAPSE, (after, self.worker))[0][0]
-        return min((t for t in (due, lapse) if t is not None), default=None)
+        return self._tuples(NEXT_DUE, (after, after, self.worker))[0][0]
 
     # -- config versions -----------------------------------------------------------------
     def config_versions(self) -> list[dict]:

@@ -9,7 +9,7 @@ import pytest
 
 from state.base import SCHEMA_VERSION, Admission, Finish, LeaseLost, LedgerError, LedgerUnwritable
 from state.postgres import _CLAIM, PostgresLedger
-from state.sql import NEXT_LAPSE
+from state.sql import NEXT_DUE
 
 NOW = 1_800_000_000.0
 LEASE = 30.0
@@ -272,9 +272,9 @@ def test_the_claim_walks_the_partial_indexes_not_the_finished_rows(ledgers, pg_u
         plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + _CLAIM, params))
     assert "Index Scan using executions_due" in plan and "Index Scan using executions_unfinished" in plan, plan
     assert "Seq Scan" not in plan and "Sort" not in plan, plan  # no pass over the finished rows, no sort of the backlog
-    with psycopg.connect(pg_url) as conn:  # when another agent's lease runs out: read from the running rows alone
-        lapse = "\n".join(row[0] for row in conn.execute("EXPLAIN " + NEXT_LAPSE.replace("?", "%s"), (NOW, ledger.worker)))
-    assert "executions_leased" in lapse and "Seq Scan" not in lapse, lapse
+    with psycopg.connect(pg_url) as conn:  # when work is next due: no pass over the finished rows, the lapsed leases read from the running rows alone
+        due = "\n".join(row[0] for row in conn.execute("EXPLAIN " + NEXT_DUE.replace("?", "%s"), (NOW, NOW, ledger.worker)))
+    assert "executions_leased" in due and "Seq Scan" not in due, due
     assert [ex.key for ex in ledger.claim(NOW, 10, LEASE)] == [f"new{n}" for n in range(1, 11)]
 
 

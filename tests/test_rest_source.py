@@ -14,6 +14,7 @@ import responses
 from sources.base import PageError
 from sources.rest import RestSource
 from viewserver import ViewServer, drop_connection, make_leads, respond, short_body, truncated_json, update
+from test_scheduler import wait_until
 
 API = "http://view.test/api/views/Leads"
 
@@ -26,16 +27,6 @@ def make_source(url: str, session: requests.Session | None = None, **config) -> 
 def page_of(path: str) -> int:
     """The page number a request to the view server asked for."""
     return int(parse_qs(urlsplit(path).query)["page"][-1])
-
-
-def until(condition, seconds: float = 5.0) -> bool:
-    """Whether `condition()` becomes true within `seconds` (checked every few milliseconds)."""
-    ends = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > ends:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 def ids(pages) -> list[str]:
@@ -117,10 +108,10 @@ def test_pages_stream_with_one_page_fetched_ahead_at_most():
         pages = make_source(view.url, paging={"kind": "page"}).pages({})
         assert view.hits == []  # a generator: nothing fetched before the first next()
         next(pages)
-        assert until(lambda: len(view.hits) == 2), view.hits  # page 2 is asked for while the caller handles page 1
+        assert wait_until(lambda: len(view.hits) == 2, 5), view.hits  # page 2 is asked for while the caller handles page 1
         assert [page_of(hit) for hit in view.hits] == [1, 2]  # and no further: the generator waits at page 1
         next(pages)
-        assert until(lambda: len(view.hits) == 3)
+        assert wait_until(lambda: len(view.hits) == 3, 5)
         assert len(next(pages).records) == 50  # a short page: nothing more is asked for
         assert next(pages, None) is None and [page_of(hit) for hit in view.hits] == [1, 2, 3]
 
